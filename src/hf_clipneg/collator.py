@@ -1,0 +1,151 @@
+"""Batch collation for `ClipNegTrainer`: decode images, tokenise captions and mined texts, and pass the
+per-row mining columns the loss needs to build in-batch weights."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .images import to_rgb
+
+# Per-row columns written by the mining step that the in-batch rule may read.
+SCALAR_META_COLUMNS = ("row_id", "image_cluster", "text_cluster", "group")
+LIST_META_COLUMNS = ("similar_image_clusters", "similar_text_clusters")
+FEATURE_META_COLUMNS = ("image_features", "text_features")
+META_COLUMNS = SCALAR_META_COLUMNS + LIST_META_COLUMNS + FEATURE_META_COLUMNS
+
+
+def random_resized_crop_and_flip(image: Image.Image, rng: random.Random, min_scale: float = 0.7) -> Image.Image:
+    """Light augmentation: a random crop covering `min_scale`..1 of the area (aspect 3/4..4/3), then a
+    horizontal flip with probability 1/2. The processor resizes the result afterwards."""
+    width, height = image.size
+    for _ in range(10):
+        area = width * height * rng.uniform(min_scale, 1.0)
+        aspect = rng.uniform(3 / 4, 4 / 3)
+        crop_w = int(round((area * aspect) ** 0.5))
+        crop_h = int(round((area / aspect) ** 0.5))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            left = rng.randint(0, width - crop_w)
+            top = rng.randint(0, height - crop_h)
+            image = image.crop((left, top, left + crop_w, top + crop_h))
+            break
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
+def _pad_ragged(rows: Sequence[Sequence[int]], pad_value: int = -1) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(width, 1)), pad_value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            out[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+    return out
+
+
+@dataclass
+class ClipNegCollator:
+    """Turn dataset rows into model inputs plus the mining metadata.
+
+    Output keys: `pixel_values`, `input_ids`, `attention_mask` (and `token_type_ids` when the tokenizer
+    makes them) for the B captions followed by the B*m mined incorrect texts; `num_mined` (m); the mined
+    weights `negative_weights` (B, m); and every mining column present in the rows (`row_id`,
+    `image_cluster`, `similar_image_clusters` padded with -1, `image_features`, ...).
+
+    Args:
+        processor: a `VisionTextDualEncoderProcessor` (image processor + tokenizer).
+        captions: the captions of the whole training dataset, indexed by `row_id`; needed only when mined
+            negatives are used (`negative_indices` refer to rows of the mined dataset).
+        mined_negatives_per_row: how many mined texts per image to use (None = all, 0 = none).
+
+    Example:
+        >>> from PIL import Image
+        >>> from hf_clipneg.testing import build_tiny_dual_encoder
+        >>> _, processor = build_tiny_dual_encoder()
+        >>> collate = ClipNegCollator(processor)
+        >>> batch = collate([{"image": Image.new("RGB", (8, 8)), "caption": "a red circle", "row_id": 0}])
+        >>> tuple(batch["pixel_values"].shape), batch["row_id"].tolist()
+        ((1, 3, 32, 32), [0])
+    """
+
+    processor: Any
+    captions: Sequence[str] | None = None
+    image_column: str = "image"
+    caption_column: str = "caption"
+    max_length: int = 64
+    mined_negatives_per_row: int | None = None
+    augment: bool = False
+    seed: int = 0
+    _rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("Cannot collate an empty batch.")
+        for column in (self.image_column, self.caption_column):
+            if column not in rows[0]:
+                raise KeyError(
+                    f"Column {column!r} is missing from the training rows (columns: {sorted(rows[0])}). Rename "
+                    "your columns or set image_column/caption_column; keep `remove_unused_columns=False`."
+                )
+        images = []
+        for position, row in enumerate(rows):
+            image = to_rgb(row[self.image_column], row=row.get("row_id", position), column=self.image_column)
+            images.append(random_resized_crop_and_flip(image, self._rng) if self.augment else image)
+        texts = [str(row[self.caption_column]) for row in rows]
+        batch: dict[str, torch.Tensor] = {}
+
+        mined = self._mined_negatives(rows)
+        if mined is not None:
+            indices, weights = mined
+            texts += [self.captions[j] if j >= 0 else "" for j in indices.flatten().tolist()]
+            batch["negative_weights"] = weights
+            batch["num_mined"] = torch.tensor(indices.shape[1])
+
+        tokens = self.processor.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        batch.update(tokens)
+        batch["pixel_values"] = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        batch.update(self._metadata(rows))
+        return batch
+
+    def _mined_negatives(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.mined_negatives_per_row == 0 or "negative_indices" not in rows[0]:
+            return None
+        if self.captions is None:
+            raise ValueError(
+                "The rows carry mined `negative_indices` but the collator has no `captions` to look them up: "
+                "pass `captions=train_dataset['caption']`, or set mined_negatives_per_row=0."
+            )
+        m = len(rows[0]["negative_indices"])
+        if self.mined_negatives_per_row is not None:
+            m = min(m, self.mined_negatives_per_row)
+        if m == 0:
+            return None
+        indices = torch.tensor([list(row["negative_indices"])[:m] for row in rows], dtype=torch.long)
+        weights = torch.tensor([list(row["negative_weights"])[:m] for row in rows], dtype=torch.float32)
+        weights = torch.where(indices >= 0, weights, torch.zeros_like(weights))
+        return indices, weights
+
+    @staticmethod
+    def _metadata(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        present = rows[0].keys()
+        meta: dict[str, torch.Tensor] = {}
+        for column in SCALAR_META_COLUMNS:
+            if column in present:
+                meta[column] = torch.tensor([int(row[column]) for row in rows], dtype=torch.long)
+        for column in LIST_META_COLUMNS:
+            if column in present:
+                meta[column] = _pad_ragged([row[column] for row in rows])
+        for column in FEATURE_META_COLUMNS:
+            if column in present:
+                meta[column] = torch.tensor([list(row[column]) for row in rows], dtype=torch.float32)
+        return meta

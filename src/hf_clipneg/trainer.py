@@ -1,0 +1,341 @@
+"""`ClipNegTrainer`: a `transformers.Trainer` that trains a `VisionTextDualEncoderModel` with the weighted
+contrastive loss, builds in-batch weights from the mined dataset, and evaluates retrieval."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, SequentialSampler
+from transformers import Trainer
+from transformers.trainer_utils import speed_metrics
+
+from .collator import LIST_META_COLUMNS, META_COLUMNS, ClipNegCollator
+from .losses import WeightedContrastiveLoss, gather_metadata
+from .metrics import groups_from_captions, retrieval_metrics
+from .mining import MiningConfig, NegativeStrategy, pair_weights
+from .training_args import ClipNegTrainingArguments, TowerTraining
+
+logger = logging.getLogger(__name__)
+
+_STRATEGIES_WITH_MINED_TEXTS = (NegativeStrategy.CLUSTER, NegativeStrategy.CLUSTER_WEIGHTED)
+
+
+def _block_list(tower: nn.Module) -> nn.ModuleList | None:
+    """The tower's main stack of blocks: its longest `nn.ModuleList` (ViT/BERT layers, EfficientNet blocks)."""
+    lists = [m for m in tower.modules() if isinstance(m, nn.ModuleList)]
+    return max(lists, key=len) if lists else None
+
+
+def set_tower_training(model: nn.Module, mode: TowerTraining | str, trainable_blocks: int = 1) -> list[nn.Module]:
+    """Freeze tower weights of a dual encoder as `mode` says and return the fully frozen modules.
+
+    Projections and the logit scale always train. `partial` trains the last `trainable_blocks` blocks of
+    each tower and every parameter registered after them (final norm, pooler, head convolution). Frozen
+    modules are returned so the trainer can keep them in eval mode (batch-norm statistics and dropout of
+    a frozen tower must not change during training).
+
+    Example:
+        >>> from hf_clipneg.testing import build_tiny_dual_encoder
+        >>> model, _ = build_tiny_dual_encoder()
+        >>> frozen = set_tower_training(model, "partial", trainable_blocks=1)
+        >>> model.text_model.encoder.layer[-1].output.dense.weight.requires_grad
+        True
+        >>> model.text_model.encoder.layer[0].output.dense.weight.requires_grad
+        False
+    """
+    mode = TowerTraining(mode)
+    frozen: list[nn.Module] = []
+    for tower in (model.vision_model, model.text_model):
+        if mode is TowerTraining.FULL:
+            tower.requires_grad_(True)
+            continue
+        tower.requires_grad_(False)
+        if mode is TowerTraining.FROZEN or trainable_blocks == 0:
+            frozen.append(tower)
+            continue
+        blocks = _block_list(tower)
+        if blocks is None:
+            raise ValueError(f"Cannot find the blocks of {type(tower).__name__} to train partially; use 'full'.")
+        kept = list(blocks)[-trainable_blocks:]
+        for block in kept:
+            block.requires_grad_(True)
+        last_block_params = {id(p) for p in blocks[-1].parameters()}
+        after_blocks = False
+        for param in tower.parameters():
+            if after_blocks and id(param) not in last_block_params:
+                param.requires_grad_(True)
+            after_blocks = after_blocks or id(param) in last_block_params
+        frozen.extend(list(blocks)[: len(blocks) - len(kept)])
+        frozen.extend(m for m in tower.children() if m is not blocks and not any(p.requires_grad for p in m.parameters()))
+    return frozen
+
+
+class ClusterSpreadSampler(Sampler[int]):
+    """Shuffle each epoch so that consecutive rows come from different image clusters as far as possible.
+
+    Rows are ordered by their random rank inside their cluster, ties broken at random: the first row of
+    every cluster comes before the second row of any cluster, so a batch spans many clusters.
+
+    Example:
+        >>> sampler = ClusterSpreadSampler([0, 0, 0, 1, 1, 1], seed=0)
+        >>> order = list(sampler)
+        >>> sorted(order) == list(range(6)) and len({[0, 0, 0, 1, 1, 1][i] for i in order[:2]}) == 2
+        True
+    """
+
+    def __init__(self, clusters: Sequence[int], seed: int = 0) -> None:
+        self.clusters = np.asarray(clusters, dtype=np.int64)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.clusters)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        shuffled = rng.permutation(len(self.clusters))
+        by_cluster = shuffled[np.argsort(self.clusters[shuffled], kind="stable")]
+        sorted_clusters = self.clusters[by_cluster]
+        starts = np.r_[0, np.flatnonzero(np.diff(sorted_clusters)) + 1]
+        sizes = np.diff(np.r_[starts, len(sorted_clusters)])
+        rank_in_cluster = np.arange(len(sorted_clusters)) - np.repeat(starts, sizes)
+        order = np.lexsort((rng.random(len(by_cluster)), rank_in_cluster))
+        return iter(by_cluster[order].tolist())
+
+
+class ClipNegTrainer(Trainer):
+    """Train a `VisionTextDualEncoderModel` on a mined dataset with `WeightedContrastiveLoss`.
+
+    The in-batch negative weights come from `hf_clipneg.mining.pair_weights` (the one implementation of
+    the mining rule) applied to the mining columns of the (global) batch. Evaluation embeds the eval split
+    and reports text->image and image->text R@K and median rank (`eval_t2i_R@1`, ...), usable with
+    `metric_for_best_model="t2i_R@1"`.
+
+    Gradient accumulation: the loss of each micro-batch is the contrastive loss within that micro-batch,
+    and `loss_is_scaled_for_ga = False` lets the Trainer divide it by the accumulation steps, so GA=2 with
+    batch B gives the mean of two B-batch losses (not one 2B contrastive batch: negatives never cross
+    micro-batches).
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from PIL import Image
+        >>> from hf_clipneg.testing import build_tiny_dual_encoder
+        >>> model, processor = build_tiny_dual_encoder()
+        >>> rows = Dataset.from_dict({"image": [Image.new("RGB", (8, 8), c) for c in ("red", "blue")],
+        ...                           "caption": ["a red square", "a blue square"]})
+        >>> args = ClipNegTrainingArguments(output_dir="/tmp/clipneg_doc", max_steps=1, per_device_train_batch_size=2,
+        ...                                 negative_strategy="vanilla", report_to="none", use_cpu=True)
+        >>> trainer = ClipNegTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows, processing_class=processor)
+        >>> "eval_t2i_R@1" in trainer.evaluate()
+        True
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: ClipNegTrainingArguments,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        mining_config: MiningConfig | None = None,
+        loss: WeightedContrastiveLoss | None = None,
+        data_collator: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(args, ClipNegTrainingArguments):
+            raise TypeError("ClipNegTrainer needs ClipNegTrainingArguments (a TrainingArguments subclass).")
+        if processing_class is None:
+            raise ValueError("Pass the VisionTextDualEncoderProcessor as `processing_class`.")
+        self.mining_config = self._resolve_mining_config(mining_config, train_dataset, args)
+        strategy = self.mining_config.strategy
+        mined_per_row = 0 if strategy not in _STRATEGIES_WITH_MINED_TEXTS else args.mined_negatives_per_row
+        if data_collator is None:
+            captions = None
+            if train_dataset is not None and mined_per_row != 0 and "negative_indices" in train_dataset.column_names:
+                captions = train_dataset[self.mining_config.caption_column]
+            data_collator = ClipNegCollator(
+                processing_class,
+                captions=captions,
+                image_column=self.mining_config.image_column,
+                caption_column=self.mining_config.caption_column,
+                max_length=args.max_text_length,
+                mined_negatives_per_row=mined_per_row,
+                augment=args.image_augmentation,
+                seed=args.seed,
+            )
+        self.eval_collator = dataclasses.replace(data_collator, mined_negatives_per_row=0, augment=False)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            data_collator=data_collator,
+            **kwargs,
+        )
+        self.loss_fn = loss if loss is not None else WeightedContrastiveLoss(
+            gather_across_processes=args.gather_across_processes
+        )
+        self._frozen_modules = set_tower_training(self.model, args.tower_training, args.trainable_blocks)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        logger.info(
+            "Negative strategy %s, towers %s: %d trainable parameters.", strategy.value, args.tower_training.value, trainable
+        )
+
+    @staticmethod
+    def _resolve_mining_config(
+        config: MiningConfig | None, train_dataset: Any, args: ClipNegTrainingArguments
+    ) -> MiningConfig:
+        if config is None and train_dataset is not None:
+            config = MiningConfig.from_dataset(train_dataset)
+        if config is None:
+            if args.negative_strategy not in (None, NegativeStrategy.VANILLA):
+                raise ValueError(
+                    f"negative_strategy={args.negative_strategy.value!r} needs a mined dataset: run "
+                    "`hf_clipneg.mine_negatives` (or `hf-clipneg mine`) on the training data first, or pass "
+                    "`mining_config=`. A dataset loaded from the Hub gets its config with `load_mined_dataset`."
+                )
+            config = MiningConfig(strategy=NegativeStrategy.VANILLA)
+        if args.negative_strategy is not None:
+            config = dataclasses.replace(config, strategy=args.negative_strategy)
+        return config
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.cluster_spread_sampler:
+            if "image_cluster" not in dataset.column_names:
+                raise ValueError("cluster_spread_sampler needs the `image_cluster` column of a mined dataset.")
+            return ClusterSpreadSampler(dataset["image_cluster"], seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def _global_metadata(self, meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not (self.args.gather_across_processes and self.accelerator.num_processes > 1) or not meta:
+            return meta
+        names = list(meta)
+        # Ragged cluster lists are padded with -1; shift them so the gather's zero padding also reads as -1.
+        shifted = [meta[n] + 1 if n in LIST_META_COLUMNS else meta[n] for n in names]
+        gathered = gather_metadata(*shifted, pad_trailing_dims=True)
+        return {n: g - 1 if n in LIST_META_COLUMNS else g for n, g in zip(names, gathered)}
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        for module in self._frozen_modules:
+            module.eval()
+        meta = {name: inputs.pop(name) for name in META_COLUMNS if name in inputs}
+        mined_weights = inputs.pop("negative_weights", None)
+        num_mined = int(inputs.pop("num_mined", 0))
+        outputs = model(**inputs, return_dict=True)
+        image_embeds = outputs.image_embeds
+        batch_size = image_embeds.shape[0]
+        text_embeds = outputs.text_embeds[:batch_size]
+        mined_text_embeds = None
+        if num_mined:
+            mined_text_embeds = outputs.text_embeds[batch_size:].reshape(batch_size, num_mined, -1)
+            if self.mining_config.strategy is NegativeStrategy.CLUSTER:
+                mined_weights = (mined_weights > 0).to(image_embeds.dtype)
+        negative_weights = positive_weights = None
+        if self.mining_config.strategy is not NegativeStrategy.VANILLA:
+            negative_weights, positive_weights = pair_weights(
+                self._global_metadata(meta), self.mining_config, step=self.state.global_step
+            )
+        logit_scale = self.accelerator.unwrap_model(model).logit_scale
+        loss = self.loss_fn(
+            image_embeds,
+            text_embeds,
+            logit_scale,
+            negative_weights=negative_weights,
+            positive_weights=positive_weights,
+            mined_text_embeds=mined_text_embeds,
+            mined_text_weights=mined_weights,
+        )
+        return (loss, outputs) if return_outputs else loss
+
+    # ----- evaluation -----
+
+    def _eval_groups(self, dataset: Any) -> list[Any]:
+        column = self.args.retrieval_group_column
+        if column is not None:
+            if column not in dataset.column_names:
+                raise KeyError(f"retrieval_group_column {column!r} is not a column of the eval dataset.")
+            return list(dataset[column])
+        return groups_from_captions(dataset[self.mining_config.caption_column])
+
+    @torch.no_grad()
+    def embed_dataset(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Projected image and text embeddings of every row of `dataset` (in order) and the mean vanilla
+        contrastive loss over its batches."""
+        model = self.model
+        model.eval()
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.eval_batch_size,
+            sampler=SequentialSampler(dataset),
+            collate_fn=self.eval_collator,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        loader = self.accelerator.prepare(loader)
+        image_parts, text_parts, losses = [], [], []
+        for batch in loader:
+            for name in META_COLUMNS:
+                batch.pop(name, None)
+            with self.autocast_smart_context_manager():
+                outputs = model(**batch, return_dict=True)
+                losses.append(
+                    self.loss_fn(outputs.image_embeds, outputs.text_embeds, model.logit_scale).detach().float()
+                )
+            image_parts.append(self.accelerator.gather_for_metrics(outputs.image_embeds.float()))
+            text_parts.append(self.accelerator.gather_for_metrics(outputs.text_embeds.float()))
+        loss = torch.stack(losses).mean()
+        loss = self.accelerator.reduce(loss, reduction="mean").item()
+        return torch.cat(image_parts), torch.cat(text_parts), loss
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Embed the eval split and report retrieval metrics (`{prefix}_t2i_R@1`, ...) and `{prefix}_loss`."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset.")
+        if isinstance(dataset, dict):
+            metrics: dict[str, float] = {}
+            for name, part in dataset.items():
+                metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        self._memory_tracker.start()
+        start = time.time()
+        was_training = self.model.training
+        image_embeds, text_embeds, loss = self.embed_dataset(dataset)
+        if was_training:
+            self.model.train()
+        groups = self._eval_groups(dataset)
+        metrics = {
+            f"{metric_key_prefix}_{name}": value
+            for name, value in retrieval_metrics(image_embeds, text_embeds, groups, groups).items()
+        }
+        metrics[f"{metric_key_prefix}_loss"] = loss if math.isfinite(loss) else float("nan")
+        metrics.update(speed_metrics(metric_key_prefix, start, num_samples=len(dataset)))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        return metrics

@@ -1,0 +1,85 @@
+"""`ClipNegTrainingArguments`: `transformers.TrainingArguments` plus the weighted-contrastive options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from transformers import TrainingArguments
+
+
+class TowerTraining(str, Enum):
+    """Which tower parameters train: none (`frozen`: only projections and logit scale), the last
+    `trainable_blocks` blocks of each tower (`partial`), or everything (`full`)."""
+
+    FROZEN = "frozen"
+    PARTIAL = "partial"
+    FULL = "full"
+
+
+@dataclass
+class ClipNegTrainingArguments(TrainingArguments):
+    """Training arguments for `ClipNegTrainer`.
+
+    The negative strategy overrides the one stored with the mined dataset when given, so one mined
+    dataset serves every strategy of a comparison.
+
+    Example:
+        >>> args = ClipNegTrainingArguments(output_dir="out", negative_strategy="vanilla", report_to="none")
+        >>> args.negative_strategy.value, args.remove_unused_columns
+        ('vanilla', False)
+    """
+
+    negative_strategy: str | None = field(
+        default=None,
+        metadata={
+            "help": "vanilla | random | cluster | cluster_weighted; default: the strategy stored with the mined dataset.",
+            "choices": ["vanilla", "random", "cluster", "cluster_weighted"],
+        },
+    )
+    mined_negatives_per_row: int | None = field(
+        default=None,
+        metadata={"help": "How many mined incorrect texts per image join the loss (0 disables; default: all mined)."},
+    )
+    gather_across_processes: bool = field(
+        default=True, metadata={"help": "Contrast against the global batch of all processes (open_clip style)."}
+    )
+    tower_training: str = field(
+        default="frozen",
+        metadata={"help": "frozen | partial | full: which tower weights train.", "choices": ["frozen", "partial", "full"]},
+    )
+    trainable_blocks: int = field(
+        default=1, metadata={"help": "With tower_training=partial: how many last blocks of each tower train."}
+    )
+    cluster_spread_sampler: bool = field(
+        default=False, metadata={"help": "Order each epoch so that a batch spreads over many image clusters."}
+    )
+    image_augmentation: bool = field(
+        default=False, metadata={"help": "Light augmentation (random resized crop, horizontal flip) of train images."}
+    )
+    max_text_length: int = field(default=64, metadata={"help": "Captions are truncated to this many tokens."})
+    retrieval_group_column: str | None = field(
+        default=None,
+        metadata={"help": "Evaluation counts a hit for any item of the same group (default: the same caption)."},
+    )
+    ttd_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the text-tag self-distillation term (0 disables it)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the collator needs the image, caption and mining columns."}
+    )
+
+    def __post_init__(self) -> None:
+        from .mining import NegativeStrategy
+
+        if self.negative_strategy is not None and not isinstance(self.negative_strategy, NegativeStrategy):
+            self.negative_strategy = NegativeStrategy(self.negative_strategy)
+        if not isinstance(self.tower_training, TowerTraining):
+            self.tower_training = TowerTraining(self.tower_training)
+        if self.trainable_blocks < 0:
+            raise ValueError(f"trainable_blocks must be >= 0, got {self.trainable_blocks}.")
+        if self.mined_negatives_per_row is not None and self.mined_negatives_per_row < 0:
+            raise ValueError(f"mined_negatives_per_row must be >= 0, got {self.mined_negatives_per_row}.")
+        if self.ttd_weight < 0:
+            raise ValueError(f"ttd_weight must be >= 0, got {self.ttd_weight}.")
+        super().__post_init__()
