@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import zlib
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ def to_rgb(value: Any, row: int | None = None, column: str = "image") -> Image.I
         image.load()
     except BadImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, zlib.error) as err:
         raise BadImageError(
             f"Cannot decode the image in {where}: {err}. Fix or remove that file, or pass "
             "`on_bad_image='skip'` to skip such rows (they are counted and reported)."
