@@ -4,7 +4,7 @@ per-row mining columns the loss needs to build in-batch weights."""
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,18 @@ def random_resized_crop_and_flip(image: Image.Image, rng: random.Random, min_sca
     return image
 
 
+def captions_by_row_id(dataset: Any, caption_column: str = "caption") -> dict[int, str]:
+    """Map each `row_id` of a mined dataset to its caption (what mined `negative_indices` refer to).
+
+    Example:
+        >>> from datasets import Dataset
+        >>> captions_by_row_id(Dataset.from_dict({"row_id": [4, 7], "caption": ["a", "b"]}))
+        {4: 'a', 7: 'b'}
+    """
+    columns = dataset.select_columns(["row_id", caption_column]).with_format("arrow")[:]
+    return dict(zip(columns["row_id"].to_pylist(), columns[caption_column].to_pylist()))
+
+
 def _pad_ragged(rows: Sequence[Sequence[int]], pad_value: int = -1) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), max(width, 1)), pad_value, dtype=torch.long)
@@ -59,8 +71,8 @@ class ClipNegCollator:
 
     Args:
         processor: a `VisionTextDualEncoderProcessor` (image processor + tokenizer).
-        captions: the captions of the whole training dataset, indexed by `row_id`; needed only when mined
-            negatives are used (`negative_indices` refer to rows of the mined dataset).
+        captions: `row_id -> caption` for the training dataset; needed only when mined negatives are used
+            (`negative_indices` hold `row_id`s of the mined dataset). Use `captions_by_row_id(dataset)`.
         mined_negatives_per_row: how many mined texts per image to use (None = all, 0 = none).
 
     Example:
@@ -74,7 +86,7 @@ class ClipNegCollator:
     """
 
     processor: Any
-    captions: Sequence[str] | None = None
+    captions: Mapping[int, str] | None = None
     image_column: str = "image"
     caption_column: str = "caption"
     max_length: int = 64
@@ -105,8 +117,11 @@ class ClipNegCollator:
         mined = self._mined_negatives(rows)
         if mined is not None:
             indices, weights = mined
-            texts += [self.captions[j] if j >= 0 else "" for j in indices.flatten().tolist()]
-            batch["negative_weights"] = weights
+            mined_texts = [self.captions.get(j) if j >= 0 else None for j in indices.flatten().tolist()]
+            # A negative whose row is not in this dataset (e.g. after `select`) acts as padding: weight 0.
+            found = torch.tensor([t is not None for t in mined_texts]).reshape(indices.shape)
+            texts += [t if t is not None else "" for t in mined_texts]
+            batch["negative_weights"] = torch.where(found, weights, torch.zeros_like(weights))
             batch["num_mined"] = torch.tensor(indices.shape[1])
 
         tokens = self.processor.tokenizer(
@@ -123,7 +138,7 @@ class ClipNegCollator:
         if self.captions is None:
             raise ValueError(
                 "The rows carry mined `negative_indices` but the collator has no `captions` to look them up: "
-                "pass `captions=train_dataset['caption']`, or set mined_negatives_per_row=0."
+                "pass `captions=captions_by_row_id(train_dataset)`, or set mined_negatives_per_row=0."
             )
         m = len(rows[0]["negative_indices"])
         if self.mined_negatives_per_row is not None:

@@ -805,7 +805,8 @@ class NegativeMiner:
                 groups = torch.from_numpy(self.groups[rows])
                 same_group += int(((groups[:, None] == groups[None, :]) & (groups[:, None] >= 0) & off).sum())
         flagged_fraction = flagged / pairs
-        if config.strategy == NegativeStrategy.RANDOM and config.random_drop_fraction is None:
+        # Recorded for every strategy, so that one mined dataset also serves the random control.
+        if config.random_drop_fraction is None:
             config.random_drop_fraction = float(flagged_fraction)
         strategy_fraction = {
             NegativeStrategy.VANILLA: 0.0,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -17,10 +18,10 @@ from torch.utils.data import DataLoader, Sampler, SequentialSampler
 from transformers import Trainer
 from transformers.trainer_utils import speed_metrics
 
-from .collator import LIST_META_COLUMNS, META_COLUMNS, ClipNegCollator
+from .collator import LIST_META_COLUMNS, META_COLUMNS, ClipNegCollator, captions_by_row_id
 from .losses import WeightedContrastiveLoss, gather_metadata
 from .metrics import groups_from_captions, retrieval_metrics
-from .mining import MiningConfig, NegativeStrategy, pair_weights
+from .mining import CONFIG_PREFIX, MiningConfig, NegativeStrategy, pair_weights
 from .training_args import ClipNegTrainingArguments, TowerTraining
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class ClipNegTrainer(Trainer):
         if data_collator is None:
             captions = None
             if train_dataset is not None and mined_per_row != 0 and "negative_indices" in train_dataset.column_names:
-                captions = train_dataset[self.mining_config.caption_column]
+                captions = captions_by_row_id(train_dataset, self.mining_config.caption_column)
             data_collator = ClipNegCollator(
                 processing_class,
                 captions=captions,
@@ -199,7 +200,7 @@ class ClipNegTrainer(Trainer):
     def _resolve_mining_config(
         config: MiningConfig | None, train_dataset: Any, args: ClipNegTrainingArguments
     ) -> MiningConfig:
-        if config is None and train_dataset is not None:
+        if config is None and train_dataset is not None and CONFIG_PREFIX in (train_dataset.info.description or ""):
             config = MiningConfig.from_dataset(train_dataset)
         if config is None:
             if args.negative_strategy not in (None, NegativeStrategy.VANILLA):
@@ -267,6 +268,62 @@ class ClipNegTrainer(Trainer):
             mined_text_weights=mined_weights,
         )
         return (loss, outputs) if return_outputs else loss
+
+    # ----- checkpoints -----
+
+    def _load_checkpoint_weights(self, checkpoint: str, model: nn.Module | None = None) -> bool:
+        # transformers v5 renames some tower weights at load time (e.g. ViT's legacy `encoder.layer.N`),
+        # and Trainer's raw state-dict loading skips that conversion; `from_pretrained` applies it.
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return False
+        if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+            return False
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        loaded = type(target).from_pretrained(checkpoint)
+        target.load_state_dict(loaded.state_dict())
+        logger.info("Loaded model weights from %s.", checkpoint)
+        return True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._load_checkpoint_weights(resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is None or not self._load_checkpoint_weights(best):
+            super()._load_best_model()
+
+    # ----- Hub -----
+
+    def create_model_card(self, dataset: str | list[str] | None = None, **kwargs: Any) -> None:
+        """Write README.md into `output_dir` from `model_card_template.md`: towers, dataset, mining config,
+        negative strategy and the last evaluation's retrieval metrics (used by `push_to_hub`)."""
+        from .hub import render_model_card
+
+        if not self.is_world_process_zero():
+            return
+        config = self.model.config
+        towers = {
+            "vision": getattr(config.vision_config, "_name_or_path", "") or config.vision_config.model_type,
+            "text": getattr(config.text_config, "_name_or_path", "") or config.text_config.model_type,
+        }
+        last_eval = next((log for log in reversed(self.state.log_history) if any(k.startswith("eval_") for k in log)), {})
+        eval_results = {
+            k.removeprefix("eval_"): v
+            for k, v in last_eval.items()
+            if k.startswith("eval_") and isinstance(v, (int, float)) and ("R@" in k or "rank" in k)
+        }
+        card = render_model_card(
+            towers,
+            dataset=dataset if isinstance(dataset, str) else None,
+            mining_config=self.mining_config.to_dict(),
+            negative_strategy=self.mining_config.strategy.value,
+            eval_results=eval_results,
+            training_args={k: v for k, v in self.args.to_dict().items() if not k.endswith("token")},
+            repo_id=self.hub_model_id if hasattr(self, "hub_model_id") else self.args.hub_model_id,
+        )
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
 
     # ----- evaluation -----
 
