@@ -4,25 +4,24 @@
         --train_data synthetic --output_dir outputs/clipneg --negative_strategy cluster_weighted \
         --num_train_epochs 2 --per_device_train_batch_size 32 --report_to none
 
-Any flag of `DataArguments`, `ModelArguments`, `MiningConfig` or `ClipNegTrainingArguments` works, or a single
-JSON/YAML file holding them. Add `--push_to_hub --hub_model_id you/name` to publish the model.
+Any flag of `DataArguments`, `ColumnArguments`, `ModelArguments` or `ClipNegTrainingArguments` works, or a
+single JSON/YAML file holding them; `--mining_config rule.json` sets the mining rule for unmined data. Add `--push_to_hub --hub_model_id you/name` to publish the model.
 """
 
 import logging
 import sys
 
 from hf_clipneg.cli import parse
-from hf_clipneg.mining import MiningConfig
-from hf_clipneg.pipeline import DataArguments, ModelArguments, train
+from hf_clipneg.pipeline import ColumnArguments, DataArguments, ModelArguments, train
 from hf_clipneg.training_args import ClipNegTrainingArguments
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    data_args, model_args, mining_config, training_args = parse(
-        [DataArguments, ModelArguments, MiningConfig, ClipNegTrainingArguments], sys.argv[1:], "train_clipneg.py"
+    data_args, columns, model_args, training_args = parse(
+        [DataArguments, ColumnArguments, ModelArguments, ClipNegTrainingArguments], sys.argv[1:], "train_clipneg.py"
     )
-    trainer, metrics = train(data_args, model_args, mining_config, training_args)
+    trainer, metrics = train(data_args, model_args, training_args, columns=columns)
     if trainer.is_world_process_zero():
         logging.getLogger("train_clipneg").info("Final evaluation: %s", metrics)
     if training_args.push_to_hub:

@@ -254,3 +254,17 @@ def test_push_to_hub_writes_a_model_card_with_metrics(tmp_path, hub, mined):
     loaded = VisionTextDualEncoderModel.from_pretrained(repo_id, token=ALICE_TOKEN)
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_ttd_term_joins_the_loss_and_training_stays_finite(tmp_path, mined):
+    model, processor = build_tiny_dual_encoder()
+    args = _args(tmp_path, negative_strategy="cluster_weighted", max_steps=3, ttd_weight=1.0)
+    trainer = ClipNegTrainer(model=model, args=args, train_dataset=mined, processing_class=processor)
+    batch = trainer.data_collator([mined[i] for i in range(4)])
+    assert batch["tag_mask"].shape[0] == 4 and batch["tag_mask"].any()
+    with_ttd = trainer.compute_loss(model, dict(batch)).item()
+    trainer.args.ttd_weight = 0.0
+    without_ttd = trainer.compute_loss(model, dict(batch)).item()
+    assert with_ttd != without_ttd
+    trainer.args.ttd_weight = 1.0
+    assert np.isfinite(trainer.train().training_loss)

@@ -1,3 +1,68 @@
-"""hf_clipneg: CLIP-style image-text training without false negatives."""
+"""hf_clipneg: train CLIP-style image-text retrieval models without false negatives.
+
+The pipeline: `load_pairs` -> `mine_negatives` (cluster ids, mined negatives, weights as a datasets step)
+-> `ClipNegTrainer` (weighted contrastive loss under Accelerate) -> `ClipNegRetriever` (faiss search).
+Heavy modules load on first use, so `import hf_clipneg` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_pairs": "data",
+    "check_images": "data",
+    "make_synthetic_pairs": "synthetic",
+    "make_synthetic_splits": "synthetic",
+    "build_dual_encoder": "towers",
+    "convert_efficientnet_lite0": "towers",
+    "packaged_vision_tower": "towers",
+    "packaged_text_tower": "towers",
+    "compute_features": "features",
+    "spherical_kmeans": "clustering",
+    "cluster_features": "clustering",
+    "MiningConfig": "mining",
+    "MiningStats": "mining",
+    "NegativeStrategy": "mining",
+    "DuplicateEvidence": "mining",
+    "DuplicateAction": "mining",
+    "NegativeMiner": "mining",
+    "mine_negatives": "mining",
+    "pair_weights": "mining",
+    "WeightedContrastiveLoss": "losses",
+    "gather_features": "losses",
+    "ClipNegCollator": "collator",
+    "ClipNegTrainingArguments": "training_args",
+    "ClipNegTrainer": "trainer",
+    "retrieval_metrics": "metrics",
+    "load_retrieval_metric": "metrics",
+    "ClipNegRetriever": "retrieval",
+    "push_mined_dataset": "hub",
+    "load_mined_dataset": "hub",
+    "push_model": "hub",
+    "render_model_card": "hub",
+    "modality_gap": "text_heads",
+    "ImageSpaceProjector": "text_heads",
+    "TextTrainedHead": "text_heads",
+    "fit_text_head": "text_heads",
+    "build_descriptions": "text_heads",
+    "extract_tags": "tags",
+    "TagSelfDistillationLoss": "losses.tag_distillation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hf_clipneg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

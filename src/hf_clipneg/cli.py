@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import HfArgumentParser
@@ -33,22 +34,180 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from .mining import MiningConfig
-    from .pipeline import DataArguments, ModelArguments, train
+    from .pipeline import ColumnArguments, DataArguments, ModelArguments, train
     from .training_args import ClipNegTrainingArguments
 
-    data_args, model_args, mining_config, training_args = parse(
-        [DataArguments, ModelArguments, MiningConfig, ClipNegTrainingArguments], argv, "hf-clipneg train"
+    data_args, columns, model_args, training_args = parse(
+        [DataArguments, ColumnArguments, ModelArguments, ClipNegTrainingArguments], argv, "hf-clipneg train"
     )
-    _, metrics = train(data_args, model_args, mining_config, training_args)
+    _, metrics = train(data_args, model_args, training_args, columns=columns)
     for key, value in sorted(metrics.items()):
         print(f"{key}\t{value:.4f}" if isinstance(value, float) else f"{key}\t{value}")
     return 0
 
 
+@dataclass
+class MineArguments:
+    """Arguments of `hf-clipneg mine` (the mining rule itself is `MiningConfig`)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "save_to_disk folder for the mined dataset."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push the mined dataset to."})
+    private: bool = field(default=False)
+    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
+    on_bad_image: str = field(default="error", metadata={"choices": ["error", "skip"]})
+
+
+@dataclass
+class EvaluateArguments:
+    """Arguments of `hf-clipneg evaluate`."""
+
+    model_name_or_path: str = field(metadata={"help": "A trained dual encoder (folder or Hub id)."})
+    batch_size: int = field(default=64)
+
+
+@dataclass
+class SearchArguments:
+    """Arguments of `hf-clipneg search`: index the images of a dataset (or load an index) and query it."""
+
+    model_name_or_path: str = field(metadata={"help": "A trained dual encoder (folder or Hub id)."})
+    query: list[str] = field(default_factory=list, metadata={"help": "Text queries.", "nargs": "+"})
+    k: int = field(default=5)
+    index_path: str | None = field(default=None, metadata={"help": "Load this saved index instead of indexing data."})
+    save_index: str | None = field(default=None, metadata={"help": "Save the built index here."})
+    index_type: str = field(default="flat", metadata={"choices": ["flat", "ivf"]})
+
+
+@dataclass
+class InspectArguments:
+    """Arguments of `hf-clipneg inspect`: PNGs of a mined dataset."""
+
+    mined_dataset: str = field(metadata={"help": "A mined dataset: save_to_disk folder or Hub id."})
+    output_dir: str = field(default="outputs/inspect")
+    max_clusters: int = field(default=8)
+    per_cluster: int = field(default=6)
+
+
+def cmd_mine(argv: list[str]) -> int:
+    from .hub import push_mined_dataset
+    from .mining import MiningConfig, mine_negatives
+    from .pipeline import DataArguments, ModelArguments, canonical_columns, load_data, load_model
+
+    mine_args, data_args, model_args, config = parse(
+        [MineArguments, DataArguments, ModelArguments, MiningConfig], argv, "hf-clipneg mine"
+    )
+    if mine_args.output_dir is None and mine_args.push_to_hub is None:
+        raise SystemExit("hf-clipneg mine: give --output_dir and/or --push_to_hub, or the result is lost.")
+    model, processor = load_model(model_args)
+    pairs, _ = load_data(data_args, config, seed=config.seed)
+    config = canonical_columns(config)
+    mined, stats = mine_negatives(
+        pairs, config, model=model, processor=processor, batch_size=mine_args.batch_size,
+        on_bad_image=mine_args.on_bad_image,
+    )
+    print(stats.to_markdown())
+    if mine_args.output_dir:
+        mined.save_to_disk(mine_args.output_dir)
+        print(f"saved to {mine_args.output_dir}")
+    if mine_args.push_to_hub:
+        url = push_mined_dataset(
+            mined, mine_args.push_to_hub, MiningConfig.from_dataset(mined).to_dict(), stats=stats,
+            private=mine_args.private, source=data_args.train_data,
+        )
+        print(f"pushed to {url}")
+    return 0
+
+
+def _load_mined(source: str) -> Any:
+    import os
+
+    from datasets import load_from_disk
+
+    if os.path.isdir(source):
+        return load_from_disk(source)
+    from .hub import load_mined_dataset
+
+    return load_mined_dataset(source, split="train")
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from .metrics import groups_from_captions, retrieval_metrics
+    from .pipeline import ColumnArguments, DataArguments
+    from .retrieval import ClipNegRetriever
+
+    eval_args, data_args, columns = parse(
+        [EvaluateArguments, DataArguments, ColumnArguments], argv, "hf-clipneg evaluate"
+    )
+    retriever = ClipNegRetriever.from_pretrained(eval_args.model_name_or_path)
+    dataset = _eval_split(data_args, columns)
+    images = retriever.embed_images(dataset, batch_size=eval_args.batch_size)
+    texts = retriever.embed_texts(list(dataset["caption"]), batch_size=eval_args.batch_size)
+    groups = list(dataset["group"]) if "group" in dataset.column_names else groups_from_captions(dataset["caption"])
+    for key, value in retrieval_metrics(images, texts, groups, groups).items():
+        print(f"{key}\t{value:.4f}")
+    return 0
+
+
+def _eval_split(data_args: Any, columns: Any) -> Any:
+    from .pipeline import load_data
+
+    train, evaluation = load_data(data_args, columns)
+    return evaluation if evaluation is not None else train
+
+
+def cmd_search(argv: list[str]) -> int:
+    from .pipeline import ColumnArguments, DataArguments
+    from .retrieval import ClipNegRetriever
+
+    search_args, data_args, columns = parse(
+        [SearchArguments, DataArguments, ColumnArguments], argv, "hf-clipneg search"
+    )
+    if not search_args.query:
+        raise SystemExit("hf-clipneg search: give at least one --query.")
+    retriever = ClipNegRetriever.from_pretrained(search_args.model_name_or_path)
+    if search_args.index_path:
+        retriever.load_index(search_args.index_path)
+    else:
+        dataset = _eval_split(data_args, columns)
+        retriever.index_images(dataset, index_type=search_args.index_type)
+    if search_args.save_index:
+        retriever.save_index(search_args.save_index)
+    for query, hits in zip(search_args.query, retriever.search(search_args.query, k=search_args.k)):
+        print(f"query: {query}")
+        for hit in hits:
+            print(f"  {hit.rank}\t{hit.id}\t{hit.score:.4f}")
+    return 0
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    import os
+
+    from .inspect import cluster_montage, weight_histogram
+
+    (args,) = parse([InspectArguments], argv, "hf-clipneg inspect")
+    mined = _load_mined(args.mined_dataset)
+    os.makedirs(args.output_dir, exist_ok=True)
+    montage = os.path.join(args.output_dir, "clusters.png")
+    cluster_montage(mined, montage, max_clusters=args.max_clusters, per_cluster=args.per_cluster)
+    histogram = os.path.join(args.output_dir, "negative_weights.png")
+    summary = weight_histogram(mined, histogram)
+    print(f"wrote {montage}\nwrote {histogram}\nweights: {summary}")
+    return 0
+
+
+def cmd_tldr(argv: list[str]) -> int:
+    from .text_heads import tldr_main
+
+    return tldr_main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "demo": (cmd_demo, "run the whole pipeline on the embedded synthetic data and print a results table"),
+    "mine": (cmd_mine, "add cluster ids, mined negatives and weights to a dataset (save and/or push)"),
     "train": (cmd_train, "mine (if needed) and train a dual encoder with ClipNegTrainer"),
+    "evaluate": (cmd_evaluate, "retrieval R@K and median rank of a trained model on a dataset"),
+    "search": (cmd_search, "index images with a trained model and search them with text"),
+    "inspect": (cmd_inspect, "write PNGs of a mined dataset: cluster montages, weight histogram"),
+    "tldr": (cmd_tldr, "train a classifier head from text only (TLDR) on a trained dual encoder"),
 }
 
 

@@ -74,6 +74,8 @@ class ClipNegCollator:
         captions: `row_id -> caption` for the training dataset; needed only when mined negatives are used
             (`negative_indices` hold `row_id`s of the mined dataset). Use `captions_by_row_id(dataset)`.
         mined_negatives_per_row: how many mined texts per image to use (None = all, 0 = none).
+        ttd_max_tags: with > 0, also tokenise up to that many tags per caption for the TTD term
+            (`tag_input_ids`, `tag_attention_mask`, `tag_mask`); a `tags` list column overrides extraction.
 
     Example:
         >>> from PIL import Image
@@ -93,6 +95,8 @@ class ClipNegCollator:
     mined_negatives_per_row: int | None = None
     augment: bool = False
     seed: int = 0
+    ttd_max_tags: int = 0
+    tags_column: str = "tags"
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -129,6 +133,14 @@ class ClipNegCollator:
         )
         batch.update(tokens)
         batch["pixel_values"] = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        if self.ttd_max_tags > 0:
+            from .tags import tag_token_batch
+
+            given = [row[self.tags_column] for row in rows] if self.tags_column in rows[0] else None
+            captions = [str(row[self.caption_column]) for row in rows]
+            batch.update(
+                tag_token_batch(self.processor.tokenizer, captions, self.ttd_max_tags, self.max_length, tags=given)
+            )
         batch.update(self._metadata(rows))
         return batch
 

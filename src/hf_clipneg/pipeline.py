@@ -26,14 +26,33 @@ class DataArguments:
     eval_data: str | None = field(default=None, metadata={"help": "Evaluation pairs (default: train_data's eval_split)."})
     train_split: str = field(default="train")
     eval_split: str = field(default="validation")
-    image_column: str = field(default="image", metadata={"help": "The user's image column (renamed to 'image')."})
-    caption_column: str = field(default="caption", metadata={"help": "The user's caption column (renamed to 'caption')."})
-    group_column: str | None = field(default=None, metadata={"help": "Optional group column, e.g. a product id."})
     max_train_rows: int | None = field(default=None)
     max_eval_rows: int | None = field(default=None)
     synthetic_rows: int = field(default=1200, metadata={"help": "Training rows of the synthetic data."})
     synthetic_eval_rows: int = field(default=300)
     revision: str | None = field(default=None)
+    mining_config: str | None = field(
+        default=None,
+        metadata={"help": "JSON file of MiningConfig fields used when the training data is not mined yet."},
+    )
+
+
+@dataclass
+class ColumnArguments:
+    """The user's column names; loading renames them to `image`, `caption` (and `group`). Commands that
+    mine take these from `MiningConfig`, which has the same three fields."""
+
+    image_column: str = field(default="image", metadata={"help": "The user's image column (renamed to 'image')."})
+    caption_column: str = field(default="caption", metadata={"help": "The user's caption column (renamed to 'caption')."})
+    group_column: str | None = field(default=None, metadata={"help": "Optional group column, e.g. a product id."})
+
+
+def canonical_columns(config: Any) -> Any:
+    """`config` (a MiningConfig) with its column names set to the canonical ones `load_data` produces."""
+    import dataclasses
+
+    group = "group" if config.group_column else None
+    return dataclasses.replace(config, image_column="image", caption_column="caption", group_column=group)
 
 
 @dataclass
@@ -80,8 +99,14 @@ def load_model(model_args: ModelArguments) -> tuple[Any, Any]:
     )
 
 
-def load_data(data_args: DataArguments, seed: int = 0) -> tuple[Dataset, Dataset | None]:
-    """Return `(train, eval)` datasets with canonical `image`/`caption` (and `group`) columns."""
+def load_data(
+    data_args: DataArguments, columns: ColumnArguments | Any | None = None, seed: int = 0
+) -> tuple[Dataset, Dataset | None]:
+    """Return `(train, eval)` datasets with canonical `image`/`caption` (and `group`) columns.
+
+    `columns` names the user's columns (a `ColumnArguments`, or a `MiningConfig`, which has the same fields).
+    """
+    columns = columns if columns is not None else ColumnArguments()
     if data_args.train_data == SYNTHETIC:
         from .synthetic import make_synthetic_splits
 
@@ -90,9 +115,9 @@ def load_data(data_args: DataArguments, seed: int = 0) -> tuple[Dataset, Dataset
     from .data import load_pairs
 
     common = dict(
-        image_column=data_args.image_column,
-        caption_column=data_args.caption_column,
-        group_column=data_args.group_column,
+        image_column=columns.image_column,
+        caption_column=columns.caption_column,
+        group_column=columns.group_column,
         revision=data_args.revision,
     )
     train = load_pairs(data_args.train_data, split=data_args.train_split, max_rows=data_args.max_train_rows, **common)
@@ -115,18 +140,29 @@ def is_mined(dataset: Dataset) -> bool:
 def train(
     data_args: DataArguments,
     model_args: ModelArguments,
-    mining_config: Any,
     training_args: Any,
+    mining_config: Any = None,
+    columns: ColumnArguments | None = None,
 ) -> tuple[Any, dict[str, float]]:
     """Load, mine (unless the data is mined already or the strategy is vanilla), train, evaluate and save.
 
+    The mining rule is `mining_config`, else the JSON file `data_args.mining_config`, else the default.
+    `columns` names the user's columns (default: those of the mining config).
     Returns the trainer and the final evaluation metrics (empty without an eval split).
     """
-    from .mining import NegativeStrategy, mine_negatives
+    from .mining import MiningConfig, NegativeStrategy, mine_negatives
     from .trainer import ClipNegTrainer
 
+    if mining_config is None:
+        if data_args.mining_config:
+            with open(data_args.mining_config, encoding="utf-8") as f:
+                mining_config = MiningConfig.from_json(f.read())
+        else:
+            mining_config = MiningConfig(seed=training_args.seed)
+
     model, processor = load_model(model_args)
-    train_set, eval_set = load_data(data_args, seed=training_args.seed)
+    train_set, eval_set = load_data(data_args, columns or mining_config, seed=training_args.seed)
+    mining_config = canonical_columns(mining_config)
     strategy = training_args.negative_strategy or mining_config.strategy
     if not is_mined(train_set) and strategy is not NegativeStrategy.VANILLA:
         train_set, stats = mine_negatives(

@@ -20,12 +20,14 @@ from transformers.trainer_utils import speed_metrics
 
 from .collator import LIST_META_COLUMNS, META_COLUMNS, ClipNegCollator, captions_by_row_id
 from .losses import WeightedContrastiveLoss, gather_metadata
+from .losses.tag_distillation import TagSelfDistillationLoss, ttd_loss_term
 from .metrics import groups_from_captions, retrieval_metrics
 from .mining import CONFIG_PREFIX, MiningConfig, NegativeStrategy, pair_weights
 from .training_args import ClipNegTrainingArguments, TowerTraining
 
 logger = logging.getLogger(__name__)
 
+TAG_BATCH_KEYS = ("tag_input_ids", "tag_attention_mask", "tag_mask")
 _STRATEGIES_WITH_MINED_TEXTS = (NegativeStrategy.CLUSTER, NegativeStrategy.CLUSTER_WEIGHTED)
 
 
@@ -176,8 +178,10 @@ class ClipNegTrainer(Trainer):
                 mined_negatives_per_row=mined_per_row,
                 augment=args.image_augmentation,
                 seed=args.seed,
+                ttd_max_tags=args.ttd_max_tags if args.ttd_weight > 0 else 0,
+                tags_column=args.ttd_tags_column,
             )
-        self.eval_collator = dataclasses.replace(data_collator, mined_negatives_per_row=0, augment=False)
+        self.eval_collator = dataclasses.replace(data_collator, mined_negatives_per_row=0, augment=False, ttd_max_tags=0)
         super().__init__(
             model=model,
             args=args,
@@ -190,6 +194,7 @@ class ClipNegTrainer(Trainer):
         self.loss_fn = loss if loss is not None else WeightedContrastiveLoss(
             gather_across_processes=args.gather_across_processes
         )
+        self.ttd_loss = TagSelfDistillationLoss(temperature=args.ttd_temperature, margin=args.ttd_margin)
         self._frozen_modules = set_tower_training(self.model, args.tower_training, args.trainable_blocks)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         logger.info(
@@ -243,6 +248,7 @@ class ClipNegTrainer(Trainer):
         meta = {name: inputs.pop(name) for name in META_COLUMNS if name in inputs}
         mined_weights = inputs.pop("negative_weights", None)
         num_mined = int(inputs.pop("num_mined", 0))
+        tag_batch = {name: inputs.pop(name) for name in TAG_BATCH_KEYS if name in inputs}
         outputs = model(**inputs, return_dict=True)
         image_embeds = outputs.image_embeds
         batch_size = image_embeds.shape[0]
@@ -267,6 +273,8 @@ class ClipNegTrainer(Trainer):
             mined_text_embeds=mined_text_embeds,
             mined_text_weights=mined_weights,
         )
+        if self.args.ttd_weight > 0:
+            loss = loss + self.args.ttd_weight * ttd_loss_term(model, outputs, text_embeds, tag_batch, self.ttd_loss)
         return (loss, outputs) if return_outputs else loss
 
     # ----- checkpoints -----

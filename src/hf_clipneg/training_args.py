@@ -63,8 +63,12 @@ class ClipNegTrainingArguments(TrainingArguments):
         metadata={"help": "Evaluation counts a hit for any item of the same group (default: the same caption)."},
     )
     ttd_weight: float = field(
-        default=0.0, metadata={"help": "Weight of the text-tag self-distillation term (0 disables it)."}
+        default=0.0, metadata={"help": "Weight of the text-tag self-distillation (TTD) term (0 disables it)."}
     )
+    ttd_max_tags: int = field(default=8, metadata={"help": "TTD: tags taken from each caption."})
+    ttd_temperature: float = field(default=0.5, metadata={"help": "TTD: temperature of the soft similarity masks."})
+    ttd_margin: float = field(default=0.0, metadata={"help": "TTD: grounding margin a tag needs to be selected."})
+    ttd_tags_column: str = field(default="tags", metadata={"help": "TTD: a list column of tags used instead of extraction."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the image, caption and mining columns."}
     )
