@@ -155,9 +155,6 @@ def test_training_converts_every_odd_image_mode(tiny, tmp_path):
     assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
 
 
-@pytest.mark.xfail(strict=True, reason="ClipNegTrainer lets datasets decode images: a corrupt file raises a bare "
-                   "OSError with no row, column or remedy (fix: cast the image column to Image(decode=False) in "
-                   "the trainer so ClipNegCollator's to_rgb names the row)")
 def test_training_on_a_corrupt_image_names_row_and_column(tiny, tmp_path):
     model, processor = tiny
     pairs = _pairs(tmp_path, "corrupt_png")
@@ -169,9 +166,6 @@ def test_training_on_a_corrupt_image_names_row_and_column(tiny, tmp_path):
     _says_row_and_column(str(err.value))
 
 
-@pytest.mark.xfail(strict=True, reason="rows mine_negatives(on_bad_image='skip') marked (image_cluster=-1, NaN "
-                   "features) still reach ClipNegTrainer's collator and crash training (fix: ClipNegTrainer drops "
-                   "rows with image_cluster < 0 from train_dataset, after taking the captions, and logs the count)")
 def test_training_after_skip_mining_excludes_the_skipped_rows(tiny, tmp_path, caplog):
     model, processor = tiny
     pairs = _pairs(tmp_path, "corrupt_png")
@@ -185,9 +179,6 @@ def test_training_after_skip_mining_excludes_the_skipped_rows(tiny, tmp_path, ca
     assert re.search(r"\b1\b.*skip|skip.*\b1\b", caplog.text, re.IGNORECASE)  # the exclusion is reported
 
 
-@pytest.mark.xfail(strict=True, reason="ClipNegRetriever.embed_images(Dataset) slices the decoded Image column, so "
-                   "datasets raises a bare OSError (fix: in retrieval._image_batches cast a decoding Image feature "
-                   "to Image(decode=False) so to_rgb names the row)")
 def test_retrieval_on_a_dataset_with_a_corrupt_image_names_the_row(tiny, tmp_path):
     retriever = ClipNegRetriever(*tiny, device="cpu")
     with pytest.raises(BadImageError) as err:
@@ -195,17 +186,13 @@ def test_retrieval_on_a_dataset_with_a_corrupt_image_names_the_row(tiny, tmp_pat
     _says_row_and_column(str(err.value))
 
 
-@pytest.mark.xfail(strict=True, reason="`hf-clipneg train` cannot parse at all (DataArguments and MiningConfig both define "
-                   "--group_column/--image_column/--caption_column: argparse conflict) and has no --on_bad_image "
-                   "option: pipeline.DataArguments "
-                   "lacks `on_bad_image: str = field(default='error', metadata={'choices': ['error', 'skip']})` and "
-                   "pipeline.train does not pass it to check_images / mine_negatives(on_bad_image=...)")
 def test_cli_parses_on_bad_image():
     from transformers import HfArgumentParser
 
-    from hf_clipneg.pipeline import DataArguments, ModelArguments
+    from hf_clipneg.pipeline import ColumnArguments, DataArguments, ModelArguments
 
-    parser = HfArgumentParser([DataArguments, ModelArguments, MiningConfig, ClipNegTrainingArguments])
+    # The parser of `hf-clipneg train` and examples/train_clipneg.py.
+    parser = HfArgumentParser([DataArguments, ColumnArguments, ModelArguments, ClipNegTrainingArguments])
     parsed = parser.parse_args_into_dataclasses(args=["--output_dir", "o", "--on_bad_image", "skip"],
                                                 return_remaining_strings=True)
     assert parsed[-1] == [], f"unparsed: {parsed[-1]}"
@@ -388,9 +375,6 @@ def test_k_larger_than_rows_error_names_k_and_remedy(field):
     assert "fewer clusters" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason="with one image cluster (or all clusters similar) the "
-                   "negative pools are empty and NegativeMiner.select_negatives raises IndexError (fix: return -1 "
-                   "padding and count the rows under 'all other rows are in similar image clusters')")
 def test_a_single_image_cluster_gives_padded_negatives_with_a_reason():
     mined, stats = mine_negatives(Dataset.from_dict(features_with("none")),
                                   MiningConfig(n_image_clusters=1, n_text_clusters=1, negatives_per_row=2))

@@ -97,10 +97,6 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(reference, t
     _assert_same_run(resumed, reference[1])
 
 
-@pytest.mark.xfail(strict=True, reason="a checkpoint folder half-written when the process was killed (no "
-                   "trainer_state.json, which the Trainer writes last) is picked by resume_from_checkpoint=True and "
-                   "the resume crashes (fix: ClipNegTrainer.train resolves resume_from_checkpoint=True to the newest "
-                   "checkpoint-* folder that holds trainer_state.json, logging a warning about the incomplete ones)")
 def test_resume_skips_a_half_written_checkpoint(reference, tmp_path):
     module = _script()
     output_dir = tmp_path / "partial"

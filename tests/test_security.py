@@ -148,9 +148,6 @@ def test_push_with_a_token_never_prints_logs_or_writes_it(hub, tiny_dual_encoder
     assert _files_containing(os.environ["HF_HOME"], ALICE_TOKEN.encode()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="Trainer.save_model/_save_checkpoint torch.save() the whole "
-                   "ClipNegTrainingArguments into training_args.bin, hub_token included (fix: ClipNegTrainer "
-                   "overrides _save (and the checkpoint save) to write a copy of the args with hub_token=None)")
 def test_trainer_outputs_never_contain_the_hub_token(tiny_dual_encoder, tmp_path, caplog, capsys):
     from hf_clipneg.trainer import ClipNegTrainer
     from hf_clipneg.training_args import ClipNegTrainingArguments

@@ -10,7 +10,10 @@ empty or non-string captions) raise errors that name the rows; undecodable image
 
 from __future__ import annotations
 
+import codecs
+import csv
 import glob
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -290,14 +293,24 @@ def _load_folder(path: str, split: str | None) -> _Part:
             loaded = _pick_split(loaded, split, f"the saved dataset {path!r}")
         return _Part(loaded, path)
     if _has_images(path):
+        _check_folder_utf8(path, only=_METADATA_FILES)
         loaded = load_dataset("imagefolder", data_dir=path)
         hint = (
             f" {path!r} was read as an imagefolder: put a metadata.csv or metadata.jsonl next to the images "
             "with a `file_name` column and a caption column, or pass the csv/json file that lists the images."
         )
         return _Part(_pick_split(loaded, split, f"the imagefolder {path!r}"), None, hint)
+    _check_folder_utf8(path)
     loaded = load_dataset(path)  # a folder of parquet/csv/json files
     return _Part(_pick_split(loaded, split, f"the folder {path!r}"), path)
+
+
+def _check_folder_utf8(path: str, only: Sequence[str] | None = None) -> None:
+    for folder, _, files in os.walk(path):
+        for name in sorted(files):
+            text_file = os.path.splitext(name)[1].lower() in (".csv", ".json", ".jsonl")
+            if text_file and (only is None or name in only):
+                _check_utf8(os.path.join(folder, name))
 
 
 def _has_images(path: str) -> bool:
@@ -319,6 +332,11 @@ def _load_files(files: list[str]) -> list[_Part]:
     if len(builders) > 1:
         raise ValueError(f"All data files must have one format, got {sorted(builders)}: {files}.")
     builder = builders.pop()
+    if builder in ("csv", "json"):
+        # Checked up front: a bad byte fails deep inside `datasets` with no file or line, or (json) even
+        # loads and fails later when the string is read.
+        for file in files:
+            _check_utf8(file)
     # Files in different folders are loaded separately: their relative image paths differ in base.
     by_folder: dict[str, list[str]] = {}
     for file in files:
@@ -326,6 +344,62 @@ def _load_files(files: list[str]) -> list[_Part]:
     return [
         _Part(load_dataset(builder, data_files=group, split="train"), folder) for folder, group in by_folder.items()
     ]
+
+
+def _check_utf8(file: str, chunk_size: int = 1 << 24) -> None:
+    """Raise a ValueError naming the file, line and column when a text data file is not valid UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(chunk_size), b""):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+        return
+    except UnicodeDecodeError:
+        pass
+    header = None
+    with open(file, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                column = _column_of_bad_bytes(file, line, header)
+                where = f", column {column!r}" if column else ""
+                raise ValueError(
+                    f"The data file {file!r} is not valid UTF-8: line {number}{where} has bytes that cannot be "
+                    f"decoded ({line[max(err.start - 10, 0) : err.end + 10]!r}, byte {err.start} of the line). "
+                    "Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 old.csv > new.csv` when it is "
+                    "Latin-1) and load it again."
+                ) from None
+            if number == 1:
+                header = text
+    # Only an incomplete multi-byte sequence at the very end is left.
+    raise ValueError(
+        f"The data file {file!r} is not valid UTF-8: it ends in the middle of a character (truncated file?). "
+        "Re-encode the file as UTF-8 (or re-export it) and load it again."
+    )
+
+
+def _column_of_bad_bytes(file: str, line: bytes, header: str | None) -> str | None:
+    """Best effort: the csv / jsonl column whose value holds the undecodable bytes of `line`."""
+    text = line.decode("utf-8", errors="surrogateescape")
+
+    def bad(value: Any) -> bool:
+        return isinstance(value, str) and any("\udc80" <= char <= "\udcff" for char in value)
+
+    try:
+        if file.lower().endswith(".csv"):
+            if header is None:
+                return None
+            names = next(csv.reader([header]))
+            values = next(csv.reader([text]))
+            return next((name for name, value in zip(names, values) if bad(value)), None)
+        record = json.loads(text)
+        if isinstance(record, dict):
+            return next((str(name) for name, value in record.items() if bad(value)), None)
+    except (ValueError, StopIteration, csv.Error):
+        pass
+    return None
 
 
 def _pick_split(splits: DatasetDict, split: str | None, where: str) -> Dataset:

@@ -87,3 +87,22 @@ def _convert(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def without_image_decoding(dataset: Any, column: str = "image") -> Any:
+    """`dataset` with its `datasets.Image` column left undecoded (`{"bytes", "path"}` dicts), so that
+    `to_rgb` decodes each value and a corrupt file raises an error naming its row instead of a bare
+    PIL error from inside datasets. Datasets without such a column are returned as they are.
+
+    Example:
+        >>> from datasets import Dataset, Image as ImageFeature
+        >>> ds = Dataset.from_dict({"image": [None]}).cast_column("image", ImageFeature())
+        >>> without_image_decoding(ds).features["image"].decode
+        False
+    """
+    from datasets import Image as ImageFeature
+
+    feature = getattr(dataset, "features", {}).get(column) if hasattr(dataset, "features") else None
+    if isinstance(feature, ImageFeature) and feature.decode:
+        return dataset.cast_column(column, ImageFeature(decode=False))
+    return dataset

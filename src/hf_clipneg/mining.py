@@ -888,7 +888,8 @@ class NegativeMiner:
         draws = 2 * m + 4
         draw_offset = 0
         for _round in range(4):
-            todo = np.flatnonzero(valid & (filled < m))
+            # Rows with an empty pool (every cluster blocked, e.g. k=1) stay -1 padded; see the reasons below.
+            todo = np.flatnonzero(valid & (filled < m) & (pool > 0))
             if todo.size == 0:
                 break
             u_index = np.arange(draw_offset, draw_offset + draws)

@@ -31,6 +31,11 @@ class DataArguments:
     synthetic_rows: int = field(default=1200, metadata={"help": "Training rows of the synthetic data."})
     synthetic_eval_rows: int = field(default=300)
     revision: str | None = field(default=None)
+    on_bad_image: str = field(
+        default="error",
+        metadata={"help": "error: stop at an unreadable image, naming its row; skip: count, report and leave it out.",
+                  "choices": ["error", "skip"]},
+    )
     mining_config: str | None = field(
         default=None,
         metadata={"help": "JSON file of MiningConfig fields used when the training data is not mined yet."},
@@ -150,6 +155,7 @@ def train(
     `columns` names the user's columns (default: those of the mining config).
     Returns the trainer and the final evaluation metrics (empty without an eval split).
     """
+    from .data import check_images
     from .mining import MiningConfig, NegativeStrategy, mine_negatives
     from .trainer import ClipNegTrainer
 
@@ -166,9 +172,14 @@ def train(
     strategy = training_args.negative_strategy or mining_config.strategy
     if not is_mined(train_set) and strategy is not NegativeStrategy.VANILLA:
         train_set, stats = mine_negatives(
-            train_set, mining_config, model=model, processor=processor, batch_size=training_args.per_device_eval_batch_size
+            train_set, mining_config, model=model, processor=processor,
+            batch_size=training_args.per_device_eval_batch_size, on_bad_image=data_args.on_bad_image,
         )
         logger.info("Mining statistics:\n%s", stats.to_markdown())
+    elif data_args.on_bad_image == "skip":
+        train_set, skipped = check_images(train_set, on_bad_image="skip")
+        if skipped:
+            logger.warning("Skipped %d training rows with unreadable images: %s", len(skipped), skipped[:20])
     trainer = ClipNegTrainer(
         model=model,
         args=training_args,

@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from hf_clipneg._faiss import faiss_gpu_count, import_faiss
-from hf_clipneg.images import to_rgb
+from hf_clipneg.images import to_rgb, without_image_decoding
 
 logger = logging.getLogger(__name__)
 
@@ -665,7 +665,7 @@ def _image_batches(images: Any, batch_size: int, image_column: str) -> Iterable[
             raise KeyError(
                 f"The dataset has no column {image_column!r} (columns: {images.column_names}); pass image_column=..."
             )
-        column = images.select_columns([image_column])
+        column = without_image_decoding(images.select_columns([image_column]), image_column)
         for start in range(0, len(column), batch_size):
             yield start, column[start : start + batch_size][image_column]
         return

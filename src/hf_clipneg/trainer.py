@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Sampler, SequentialSampler
 from transformers import Trainer
 from transformers.trainer_utils import speed_metrics
 
+from .images import without_image_decoding
 from .collator import LIST_META_COLUMNS, META_COLUMNS, ClipNegCollator, captions_by_row_id
 from .losses import WeightedContrastiveLoss, gather_metadata
 from .losses.tag_distillation import TagSelfDistillationLoss, ttd_loss_term
@@ -163,6 +165,11 @@ class ClipNegTrainer(Trainer):
         if processing_class is None:
             raise ValueError("Pass the VisionTextDualEncoderProcessor as `processing_class`.")
         self.mining_config = self._resolve_mining_config(mining_config, train_dataset, args)
+        image_column = self.mining_config.image_column
+        if train_dataset is not None:
+            train_dataset = self._drop_skipped_rows(without_image_decoding(train_dataset, image_column))
+        if eval_dataset is not None and not isinstance(eval_dataset, dict):
+            eval_dataset = without_image_decoding(eval_dataset, image_column)
         strategy = self.mining_config.strategy
         mined_per_row = 0 if strategy not in _STRATEGIES_WITH_MINED_TEXTS else args.mined_negatives_per_row
         if data_collator is None:
@@ -218,6 +225,39 @@ class ClipNegTrainer(Trainer):
         if args.negative_strategy is not None:
             config = dataclasses.replace(config, strategy=args.negative_strategy)
         return config
+
+    @staticmethod
+    def _drop_skipped_rows(dataset: Any) -> Any:
+        # Rows the mining step skipped (unreadable images, `on_bad_image="skip"`) carry image_cluster = -1.
+        if "image_cluster" not in dataset.column_names:
+            return dataset
+        clusters = np.asarray(dataset.with_format("numpy")["image_cluster"])
+        if (clusters >= 0).all():
+            return dataset
+        skipped = np.flatnonzero(clusters < 0)
+        logger.warning(
+            "Training skips %d rows the mining step could not embed (rows %s%s).",
+            skipped.size, skipped[:10].tolist(), " ..." if skipped.size > 10 else "",
+        )
+        return dataset.select(np.flatnonzero(clusters >= 0))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """`Trainer.train`; `resume_from_checkpoint=True` takes the newest checkpoint that was completely
+        written (one a killed process left half-written lacks `trainer_state.json`, which is written last)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self._last_complete_checkpoint()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _last_complete_checkpoint(self) -> str:
+        output_dir = self.args.output_dir
+        names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+        steps = sorted((int(n.split("-")[1]) for n in names if re.fullmatch(r"checkpoint-\d+", n)), reverse=True)
+        for step in steps:
+            folder = os.path.join(output_dir, f"checkpoint-{step}")
+            if os.path.isfile(os.path.join(folder, "trainer_state.json")):
+                return folder
+            logger.warning("Ignoring the incomplete checkpoint %s (no trainer_state.json).", folder)
+        raise ValueError(f"No complete checkpoint in {output_dir} to resume from.")
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset

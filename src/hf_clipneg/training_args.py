@@ -73,6 +73,12 @@ class ClipNegTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Kept False: the collator needs the image, caption and mining columns."}
     )
 
+    def __getstate__(self) -> dict:
+        # Trainer pickles its arguments into training_args.bin beside every save: never with the Hub token.
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state
+
     def __post_init__(self) -> None:
         from .mining import NegativeStrategy
 
