@@ -251,10 +251,6 @@ def test_non_utf8_bytes_caption_column_is_refused_with_its_dtype(tmp_path):
     assert "'caption'" in str(err.value) and "binary" in str(err.value) and "cast_column" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="a csv/jsonl file with non-UTF-8 bytes fails inside datasets "
-                   "(DatasetGenerationError / ArrowInvalid) without file, line or remedy (fix: data._load_files "
-                   "catches the decode error, finds the first undecodable line and raises a ValueError naming file, "
-                   "line, column 'caption' and the remedy: re-encode the file as UTF-8)")
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_non_utf8_data_file_error_names_file_line_and_remedy(suffix, tmp_path):
     paths = pairs_with(tmp_path)["image"]

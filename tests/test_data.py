@@ -320,3 +320,35 @@ def test_rows_are_named_in_the_order_the_dataset_shows_them():
     reordered = raw.select([5, 4, 3, 2, 1, 0])  # an indices mapping over the same Arrow table
     with pytest.raises(ValueError, match=r"in row 3 \(1 in total\)"):
         load_pairs(reordered)
+
+
+LATIN1_CAPTION = "caf\xe9 cr\xe8me".encode("latin-1")
+
+
+def test_non_utf8_csv_names_file_line_column_and_remedy(image_dir):
+    data_file = image_dir / "pairs.csv"
+    data_file.write_bytes(b"image,caption\nimg/0.png,fine\nimg/1.png," + LATIN1_CAPTION + b"\n")
+    with pytest.raises(ValueError) as err:
+        load_pairs(str(data_file))
+    message = str(err.value)
+    assert str(data_file) in message and "line 3" in message and "'caption'" in message
+    assert "Re-encode the file as UTF-8" in message
+
+
+def test_non_utf8_imagefolder_metadata_is_named(image_dir):
+    (image_dir / "img" / "fake.jpg").unlink()
+    metadata = image_dir / "img" / "metadata.jsonl"
+    metadata.write_bytes(b'{"file_name": "0.png", "text": "' + LATIN1_CAPTION + b'"}\n')
+    with pytest.raises(ValueError) as err:
+        load_pairs(str(image_dir / "img"), caption_column="text")
+    assert str(metadata) in str(err.value) and "line 1" in str(err.value) and "'text'" in str(err.value)
+
+
+def test_utf8_check_accepts_characters_split_across_chunks_and_rejects_a_truncated_file(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_bytes("caption\n".encode() + "é€😀\n".encode() * 50)
+    data_module._check_utf8(str(good), chunk_size=3)  # every multi-byte character crosses a chunk edge
+    truncated = tmp_path / "truncated.csv"
+    truncated.write_bytes("caption\nok é".encode()[:-1])
+    with pytest.raises(ValueError, match=r"line 2, column 'caption'.*Re-encode"):
+        data_module._check_utf8(str(truncated), chunk_size=3)

@@ -423,3 +423,42 @@ def test_stats_masked_fraction_matches_pair_weights_on_the_batches():
     W, _ = pair_weights(miner.batch_tensors(rows), dataclasses.replace(miner.config))
     off = ~torch.eye(40, dtype=torch.bool)
     assert (W[off] == 0).float().mean().item() == pytest.approx(miner.stats.evidence_flagged_fraction, abs=0.05)
+
+
+# ---------------------------------------------------------------- speed paths (ivf assignment, no copies)
+
+
+def test_ivf_assignment_matches_exact_search_on_clustered_rows_and_bad_method_is_named():
+    from hf_clipneg.clustering import assign_to_centroids
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(100, 32)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[rng.integers(0, 100, 4000)] + 0.02 * rng.normal(size=(4000, 32)).astype(np.float32)
+    exact = assign_to_centroids(x, centres)
+    ivf = assign_to_centroids(x, centres, method="ivf")
+    assert (exact == np.argmax(x @ centres.T, axis=1)).all()
+    assert (ivf >= 0).all() and (ivf == exact).mean() > 0.99
+    labels, _ = spherical_kmeans(x, 100, seed=0, assignment="ivf")
+    assert labels.shape == (4000,) and labels.min() >= 0
+    with pytest.raises(ValueError, match="assignment must be one of"):
+        spherical_kmeans(x, 3, assignment="fast")
+    with pytest.raises(ValueError, match="kmeans_assignment must be one of"):
+        MiningConfig(kmeans_assignment="fast")
+
+
+def test_fit_arrays_never_modifies_the_callers_features_and_keeps_unit_norm_input_uncopied():
+    x, _ = blob_features()
+    original = x.copy()
+    x[3] = np.nan  # a skipped row
+    original[3] = np.nan
+    miner = NegativeMiner(MiningConfig(n_image_clusters=N_BLOBS, cluster_text=False)).fit_arrays(x, x * 2)
+    np.testing.assert_array_equal(x, original)  # not normalised in place, NaN row untouched
+    np.testing.assert_allclose(np.linalg.norm(miner.image_features[[0, 5]], axis=1), 1.0, rtol=1e-5)
+    assert (miner.image_features[3] == 0).all()
+    unit = x[~np.isnan(x).any(1)] / np.linalg.norm(x[~np.isnan(x).any(1)], axis=1, keepdims=True)
+    unit = np.ascontiguousarray(unit, dtype=np.float32)
+    miner = NegativeMiner(MiningConfig(n_image_clusters=N_BLOBS, cluster_text=False)).fit_arrays(unit)
+    assert np.shares_memory(miner.image_features, unit)  # already unit-norm: no N x d copy
+    converted = NegativeMiner(MiningConfig(n_image_clusters=N_BLOBS, cluster_text=False)).fit_arrays(unit.astype(np.float64))
+    np.testing.assert_array_equal(converted.image.labels, miner.image.labels)

@@ -373,10 +373,8 @@ def _check_utf8(file: str, chunk_size: int = 1 << 24) -> None:
                 ) from None
             if number == 1:
                 header = text
-    # Only an incomplete multi-byte sequence at the very end is left.
-    raise ValueError(
-        f"The data file {file!r} is not valid UTF-8: it ends in the middle of a character (truncated file?). "
-        "Re-encode the file as UTF-8 (or re-export it) and load it again."
+    raise ValueError(  # not reached: a bad byte always lies on some line
+        f"The data file {file!r} is not valid UTF-8. Re-encode the file as UTF-8 and load it again."
     )
 
 

@@ -36,6 +36,7 @@ from datasets.fingerprint import Hasher
 from tqdm.auto import tqdm
 
 from .clustering import CLUSTERING_BACKENDS, cluster_features, default_n_clusters
+from .clustering.kmeans import ASSIGNMENT_METHODS
 from .features import IMAGE_FEATURES, TEXT_FEATURES, compute_features, has_feature_columns
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class MiningConfig:
     n_text_clusters: int | None = None
     clustering_backend: str = "kmeans"
     kmeans_iterations: int = 25
+    kmeans_assignment: str = "exact"
     similar_cluster_quantile: float | None = None
     image_centroid_threshold: float | None = None
     text_centroid_threshold: float | None = None
@@ -157,6 +159,10 @@ class MiningConfig:
         self.evidence = _coerce(DuplicateEvidence, self.evidence, "evidence")
         self.duplicate_action = _coerce(DuplicateAction, self.duplicate_action, "duplicate_action")
         self.sampling = _coerce(NegativeSampling, self.sampling, "sampling")
+        if self.kmeans_assignment not in ASSIGNMENT_METHODS:
+            raise ValueError(
+                f"kmeans_assignment must be one of {ASSIGNMENT_METHODS}, got {self.kmeans_assignment!r}."
+            )
         if self.clustering_backend not in CLUSTERING_BACKENDS:
             raise ValueError(f"clustering_backend must be one of {CLUSTERING_BACKENDS}, got {self.clustering_backend!r}.")
         for name in ("n_image_clusters", "n_text_clusters"):
@@ -586,7 +592,11 @@ class NegativeMiner:
                 )
             groups = dataset[self.config.group_column]
         captions = dataset[self.config.caption_column] if self.config.caption_column in dataset.column_names else None
-        return self.fit_arrays(image, text, groups=groups, captions=captions)
+        self._owned = True  # fresh arrays: normalised in place instead of copied
+        try:
+            return self.fit_arrays(image, text, groups=groups, captions=captions)
+        finally:
+            self._owned = False
 
     def fit_arrays(
         self,
@@ -597,7 +607,10 @@ class NegativeMiner:
     ) -> NegativeMiner:
         """Fit from arrays: (N, di) image features, optional (N, dt) text features, group values, captions.
 
-        Rows whose image features contain NaN/inf (unreadable images) are excluded and reported.
+        Rows whose image features contain NaN (unreadable images) are excluded and reported. The miner
+        keeps unit-norm float32 features: a copy of the input, except that a C-contiguous float32 input
+        whose rows are all valid and unit-norm already is kept as it is (not copied; do not modify it
+        while the miner is in use).
         """
         started = time.perf_counter()
         config = self.config
@@ -610,9 +623,9 @@ class NegativeMiner:
             text = _as_float_matrix(text_features, TEXT_FEATURES)
             if text.shape[0] != n_rows:
                 raise ValueError(f"image_features has {n_rows} rows but text_features has {text.shape[0]}.")
-        valid = np.isfinite(image).all(1)
+        valid = _finite_rows(image)
         if text is not None:
-            text_finite = np.isfinite(text).all(1)
+            text_finite = _finite_rows(text)
             inconsistent = np.flatnonzero(valid & ~text_finite)
             if inconsistent.size:
                 raise ValueError(
@@ -633,8 +646,11 @@ class NegativeMiner:
                 self.skipped.size, self.skipped[:20].tolist(), " ..." if self.skipped.size > 20 else "",
             )
         self.n_rows = n_rows
-        self.image_features = _normalise_rows(image, valid)
-        self.text_features = _normalise_rows(text, valid) if text is not None else None
+        owned = getattr(self, "_owned", False)
+        self.image_features = _normalise_rows(image, valid, _may_overwrite(image, image_features, owned))
+        self.text_features = (
+            _normalise_rows(text, valid, _may_overwrite(text, text_features, owned)) if text is not None else None
+        )
 
         if config.evidence in (DuplicateEvidence.IMAGE_AND_TEXT_CLUSTER,) and self.text_features is None:
             raise ValueError("evidence='image_and_text_cluster' needs text features.")
@@ -677,7 +693,9 @@ class NegativeMiner:
             )
         kwargs: dict[str, Any] = {}
         if self.config.clustering_backend == "kmeans":
-            kwargs.update(n_iter=self.config.kmeans_iterations, normalize=False)  # rows are unit-norm already
+            kwargs.update(  # rows are unit-norm already
+                n_iter=self.config.kmeans_iterations, normalize=False, assignment=self.config.kmeans_assignment
+            )
         subset = features if valid_rows.size == self.n_rows else features[valid_rows]  # avoid an N x d copy
         labels_valid, centroids = cluster_features(
             subset, k, backend=self.config.clustering_backend, seed=self.config.seed, **kwargs
@@ -1054,23 +1072,49 @@ def _as_float_matrix(values: Any, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be numeric, got dtype {array.dtype}.")
     array = np.ascontiguousarray(array, dtype=np.float32)
     # inf is not a marker of a skipped row (NaN is): it is a bug upstream.
-    infinite = np.flatnonzero(np.isinf(array).any(1))
+    infinite = np.flatnonzero(_row_test(array, lambda block: np.isinf(block).any(1)))
     if infinite.size:
         raise ValueError(f"{name} has inf values in rows {infinite[:10].tolist()}: recompute those features.")
     return array
 
 
-def _normalise_rows(features: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Unit-norm copy of `features`; invalid (NaN) rows become zeros."""
-    out = np.array(features, dtype=np.float32, copy=True)
-    if not valid.all():
-        out[~valid] = 0.0
-    norms = np.sqrt(np.einsum("nd,nd->n", out, out))
-    zero = np.flatnonzero(valid & (norms <= 1e-12))
+def _row_test(array: np.ndarray, test: Any, block: int = 65_536) -> np.ndarray:
+    """(N,) bool `test` of row blocks: no N x d temporary (that would be 384 MB at 1M x 384)."""
+    if not len(array):
+        return np.zeros(0, dtype=bool)
+    return np.concatenate([test(array[start : start + block]) for start in range(0, len(array), block)])
+
+
+def _finite_rows(array: np.ndarray) -> np.ndarray:
+    return _row_test(array, lambda block: np.isfinite(block).all(1))
+
+
+def _may_overwrite(array: np.ndarray, given: Any, owned: bool) -> bool:
+    """True when `array` is ours to normalise in place: a writable array we created, not the caller's
+    memory (a view of a caller's array, memmap or tensor has owndata False)."""
+    if not array.flags.writeable:
+        return False
+    return owned or (array is not given and array.flags.owndata)
+
+
+def _normalise_rows(features: np.ndarray, valid: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """Unit-norm `features` (float32); invalid (NaN) rows become zeros.
+
+    Works in place when `in_place` (the caller owns the array); otherwise copies, unless every row is
+    valid and unit-norm already, in which case `features` itself is returned.
+    """
+    norms = np.sqrt(np.einsum("nd,nd->n", features, features))  # NaN in invalid rows
+    norms[~valid] = 1.0
+    zero = np.flatnonzero(norms <= 1e-12)
     if zero.size:
         raise ValueError(f"Features are all zero in rows {zero[:10].tolist()}: recompute them.")
-    norms[~valid] = 1.0
-    out /= norms[:, None]
+    if not in_place and valid.all() and np.abs(norms - 1.0).max(initial=0.0) <= 1e-5:
+        return features
+    out = features if in_place else np.array(features, dtype=np.float32, copy=True)
+    if not valid.all():
+        out[~valid] = 0.0
+    for start in range(0, len(out), 65_536):
+        out[start : start + 65_536] /= norms[start : start + 65_536, None]
     return out
 
 

@@ -65,6 +65,7 @@ def spherical_kmeans(
     *,
     max_points_per_centroid: int = 40,
     normalize: bool = True,
+    assignment: str = "exact",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cluster rows by cosine similarity (spherical k-means, faiss).
 
@@ -80,6 +81,10 @@ def spherical_kmeans(
         seed: faiss seed (same seed and data -> same clusters).
         n_iter: Lloyd iterations.
         use_gpu: None = use a GPU when faiss sees one, False = CPU, True = GPU (errors without one).
+        max_points_per_centroid: training sample size per centroid.
+        normalize: False when the rows are unit-norm already (saves an N x d copy).
+        assignment: how every row finds its centroid: ``"exact"`` (flat inner-product search) or
+            ``"ivf"`` (approximate, faster on large k; see :func:`assign_to_centroids` for its accuracy).
 
     Returns:
         ``(labels, centroids)``: (N,) int64 cluster of every row and (k, d) float32 unit-norm centroids.
@@ -96,6 +101,7 @@ def spherical_kmeans(
     if not isinstance(n_clusters, (int, np.integer)) or isinstance(n_clusters, bool) or n_clusters < 1:
         raise ValueError(f"n_clusters must be an integer >= 1, got {n_clusters!r}.")
     n_clusters = int(n_clusters)
+    _assignment_method(assignment)
     if n_clusters > n_rows:
         raise ValueError(
             f"Cannot make {n_clusters} clusters from {n_rows} rows (k must be <= the number of rows). "
@@ -131,7 +137,7 @@ def spherical_kmeans(
     )
     kmeans.train(x)
     centroids = l2_normalize(np.ascontiguousarray(kmeans.centroids, dtype=np.float32), "centroids")
-    labels = assign_to_centroids(x, centroids, gpu=gpu)
+    labels = assign_to_centroids(x, centroids, gpu=gpu, method=assignment, seed=seed)
     logger.info(
         "spherical k-means: %d rows, d=%d, k=%d, %d iterations in %.1fs (%s)",
         n_rows, dim, n_clusters, n_iter, time.perf_counter() - started, "GPU" if gpu else "CPU",
@@ -149,17 +155,62 @@ def _init_method(faiss, cost: int):
     return faiss.ClusteringInitMethod_AFK_MC2
 
 
+ASSIGNMENT_METHODS = ("exact", "ivf")
+
+
+def _assignment_method(assignment: str) -> str:
+    if assignment not in ASSIGNMENT_METHODS:
+        raise ValueError(f"assignment must be one of {ASSIGNMENT_METHODS}, got {assignment!r}.")
+    return assignment
+
+
 def assign_to_centroids(
-    features: np.ndarray, centroids: np.ndarray, gpu: bool = False, chunk_size: int = 262_144
+    features: np.ndarray,
+    centroids: np.ndarray,
+    gpu: bool = False,
+    chunk_size: int = 262_144,
+    method: str = "exact",
+    seed: int = 0,
 ) -> np.ndarray:
-    """Index (int64) of the most similar (inner product) centroid for every row, searched in chunks."""
+    """Index (int64) of the most similar (inner product) centroid for every row, searched in chunks.
+
+    ``method="exact"`` compares every row with every centroid (BLAS; O(N k d)); it is the default
+    because it is right on any data. ``method="ivf"`` groups the centroids into ``~3.3 sqrt(k)`` cells
+    and compares a row only with the centroids of its ``~nlist / 10`` most similar cells. Measured
+    (2 cores, 384-d, loaded machine): 1M well-clustered rows, k=1500: 8.9 vs 13.7 CPU-s, 99.87% of rows
+    got the exact centroid; 200k rows, k=671: 99.97% (well clustered), 98.1% (noisy), 72% (barely
+    clustered, mean cosine to the centroid 0.25) at ~1.4x the speed. Use it only on well-clustered
+    features where the exact search is the bottleneck. Rows the ivf search leaves unassigned (empty
+    probed cells) get the exact search.
+
+    Example:
+        >>> import numpy as np
+        >>> assign_to_centroids(np.eye(3, dtype="float32"), np.eye(3, dtype="float32")[[2, 0, 1]]).tolist()
+        [1, 2, 0]
+    """
     faiss = import_faiss()
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    if gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    n_clusters, dim = centroids.shape
+    if method not in ASSIGNMENT_METHODS:
+        raise ValueError(f"method must be one of {ASSIGNMENT_METHODS}, got {method!r}.")
+    if method == "ivf" and n_clusters >= 64:
+        nlist = max(8, int(round(3.3 * np.sqrt(n_clusters))))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = int(seed)
+        index.cp.min_points_per_centroid = 1  # few points (the centroids) per cell is expected here
+        index.train(centroids)
+        index.nprobe = max(1, int(round(nlist / 10)))
+    else:
+        index = faiss.IndexFlatIP(dim)
+        if gpu:
+            index = faiss.index_cpu_to_all_gpus(index)
+    index.add(centroids)
     labels = np.empty(features.shape[0], dtype=np.int64)
     for start in range(0, features.shape[0], chunk_size):
-        _, nearest = index.search(np.ascontiguousarray(features[start : start + chunk_size]), 1)
+        _, nearest = index.search(np.ascontiguousarray(features[start : start + chunk_size], dtype=np.float32), 1)
         labels[start : start + chunk_size] = nearest[:, 0]
+    missing = np.flatnonzero(labels < 0)
+    if missing.size:
+        labels[missing] = assign_to_centroids(features[missing], centroids, gpu=gpu, chunk_size=chunk_size)
     return labels
