@@ -38,7 +38,7 @@ from hf_clipneg.retrieval import ClipNegRetriever
 from hf_clipneg.trainer import ClipNegTrainer
 from hf_clipneg.training_args import ClipNegTrainingArguments
 
-SMALL = dict(n_image_clusters=2, n_text_clusters=2, negatives_per_row=2)
+SMALL = dict(evidence="image_cluster", n_image_clusters=2, n_text_clusters=2, negatives_per_row=2)
 REMEDY_SKIP = "on_bad_image='skip'"
 
 
@@ -297,7 +297,7 @@ def test_nan_in_pair_weights_features_is_refused_by_the_loss():
     features = torch.randn(4, 8)
     features[1] = float("nan")
     weights, _ = pair_weights({"image_cluster": torch.tensor([0, 1, 2, 3]), "image_features": features},
-                              MiningConfig(strategy="cluster_weighted"))
+                              MiningConfig(evidence="image_cluster", strategy="cluster_weighted"))
     with pytest.raises(ValueError, match="NaN or inf"):
         WeightedContrastiveLoss()(torch.randn(4, 8), torch.randn(4, 8), torch.tensor(2.0), negative_weights=weights)
 
@@ -310,7 +310,7 @@ def test_duplicate_rows_are_mined_apart_and_train(tiny, tmp_path):
     columns = pairs_with(tmp_path, n=3)
     columns = {name: values * 2 for name, values in columns.items()}  # rows i and i+3 are identical
     pairs = load_pairs(Dataset.from_dict(columns))
-    mined, stats = mine_negatives(pairs, MiningConfig(n_image_clusters=3, negatives_per_row=2), model, processor,
+    mined, stats = mine_negatives(pairs, MiningConfig(evidence="image_cluster", n_image_clusters=3, negatives_per_row=2), model, processor,
                                   device="cpu")
     clusters = mined["image_cluster"]
     for i in range(3):
@@ -330,7 +330,7 @@ def test_zero_rows_stop_every_stage_with_a_clear_error(tiny):
     with pytest.raises(ValueError, match="No image-caption pairs"):
         load_pairs(empty)
     with pytest.raises(ValueError, match="at least 2 rows, got 0"):
-        mine_negatives(empty, MiningConfig(), model, processor, device="cpu")
+        mine_negatives(empty, MiningConfig(evidence="image_cluster"), model, processor, device="cpu")
     with pytest.raises(ValueError, match="empty"):
         compute_features(empty, model, processor, device="cpu")
     retriever = ClipNegRetriever(model, processor, device="cpu")
@@ -344,7 +344,7 @@ def test_one_row_cannot_be_mined_but_trains_and_retrieves(tiny, tmp_path):
     model, processor = tiny
     one = _pairs(tmp_path, n=1)
     with pytest.raises(ValueError, match="at least 2 rows, got 1"):
-        mine_negatives(one, MiningConfig(), model, processor, device="cpu")
+        mine_negatives(one, MiningConfig(evidence="image_cluster"), model, processor, device="cpu")
     trainer = ClipNegTrainer(model=model, args=_args(tmp_path, negative_strategy="vanilla"), train_dataset=one,
                              processing_class=processor)
     trainer.train()
@@ -356,7 +356,7 @@ def test_one_row_cannot_be_mined_but_trains_and_retrieves(tiny, tmp_path):
 
 def test_two_rows_mine_with_fewer_negatives_reported(tiny, tmp_path):
     model, processor = tiny
-    mined, stats = mine_negatives(_pairs(tmp_path, n=2), MiningConfig(negatives_per_row=2), model, processor,
+    mined, stats = mine_negatives(_pairs(tmp_path, n=2), MiningConfig(evidence="image_cluster", negatives_per_row=2), model, processor,
                                   device="cpu")
     assert mined["negative_indices"] == [[1, -1], [0, -1]]  # padded, not invented
     assert stats.rows_with_fewer_negatives == 2 and sum(stats.fewer_negatives_reasons.values()) == 2
@@ -373,7 +373,7 @@ def test_k_larger_than_rows_error_names_k_and_remedy(field):
 
 def test_a_single_image_cluster_gives_padded_negatives_with_a_reason():
     mined, stats = mine_negatives(Dataset.from_dict(features_with("none")),
-                                  MiningConfig(n_image_clusters=1, n_text_clusters=1, negatives_per_row=2))
+                                  MiningConfig(evidence="image_cluster", n_image_clusters=1, n_text_clusters=1, negatives_per_row=2))
     assert all(row == [-1, -1] for row in mined["negative_indices"])
     assert stats.rows_with_fewer_negatives == 12
     assert stats.fewer_negatives_reasons == {"all other rows are in similar image clusters": 12}

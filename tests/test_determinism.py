@@ -31,7 +31,7 @@ def test_spherical_kmeans_same_seed_same_clusters():
 
 @pytest.mark.parametrize("strategy", ["cluster_weighted", "cluster", "random"])
 def test_mining_same_seed_identical_columns_and_stats(strategy):
-    config = MiningConfig(strategy=strategy, n_image_clusters=6, n_text_clusters=5, negatives_per_row=3,
+    config = MiningConfig(evidence="image_cluster", strategy=strategy, n_image_clusters=6, n_text_clusters=5, negatives_per_row=3,
                           similar_cluster_quantile=0.8, seed=7)
     a, stats_a = mine_negatives(Dataset.from_dict(_features()), config)
     b, stats_b = mine_negatives(Dataset.from_dict(_features()), config)
@@ -47,7 +47,7 @@ def test_mining_same_seed_identical_columns_and_stats(strategy):
 
 
 def test_mining_does_not_depend_on_num_proc_or_batching():
-    config = MiningConfig(n_image_clusters=6, n_text_clusters=5, negatives_per_row=3, seed=1)
+    config = MiningConfig(evidence="image_cluster", n_image_clusters=6, n_text_clusters=5, negatives_per_row=3, seed=1)
     a, _ = mine_negatives(Dataset.from_dict(_features()), config)
     b, _ = mine_negatives(Dataset.from_dict(_features()), config, num_proc=2)
     for column in MINED_COLUMNS:
@@ -79,7 +79,7 @@ def test_training_loss_curve_is_identical_on_cpu(tmp_path):
 
     model, processor = build_tiny_dual_encoder(seed=0)
     pairs = make_synthetic_pairs(num_rows=18, seed=0, image_size=32)
-    mined, _ = mine_negatives(pairs, MiningConfig(n_image_clusters=3, n_text_clusters=3, negatives_per_row=2),
+    mined, _ = mine_negatives(pairs, MiningConfig(evidence="image_cluster", n_image_clusters=3, n_text_clusters=3, negatives_per_row=2),
                               model, processor, device="cpu")
     first = _train_losses(tmp_path, "a", mined)
     second = _train_losses(tmp_path, "b", mined)

@@ -93,7 +93,7 @@ def test_bad_images_error_or_skip_and_mining_counts_them(tiny_dual_encoder):
     out = compute_features(ds, model, processor, device="cpu", on_bad_image="skip")
     features = np.array(out.select_columns(["image_features"])["image_features"])
     assert np.isnan(features[4]).all() and not np.isnan(np.delete(features, 4, axis=0)).any()
-    mined, stats = mine_negatives(out, MiningConfig(n_image_clusters=3, n_text_clusters=3, negatives_per_row=2))
+    mined, stats = mine_negatives(out, MiningConfig(evidence="image_cluster", n_image_clusters=3, n_text_clusters=3, negatives_per_row=2))
     assert stats.rows_skipped == 1 and stats.skipped_row_indices == [4]
     assert 4 not in np.array(mined["negative_indices"])
 
@@ -113,7 +113,7 @@ def test_mine_negatives_end_to_end_from_images(tiny_dual_encoder):
     model, processor = tiny_dual_encoder
     ds = _synthetic(16)
     mined, stats = mine_negatives(
-        ds, MiningConfig(n_image_clusters=4, n_text_clusters=4, negatives_per_row=3), model, processor, device="cpu"
+        ds, MiningConfig(evidence="image_cluster", n_image_clusters=4, n_text_clusters=4, negatives_per_row=3), model, processor, device="cpu"
     )
     cluster = np.array(mined["image_cluster"])
     negatives = np.array(mined["negative_indices"])

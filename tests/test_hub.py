@@ -28,7 +28,7 @@ from hf_clipneg.hub import (
 from hf_clipneg.mining import CONFIG_PREFIX, MiningConfig
 from hub_fixtures import ALICE_TOKEN, BOB_TOKEN, hub, unique_repo  # noqa: F401 - `hub` is a fixture
 
-MINING_CONFIG = MiningConfig(n_image_clusters=3, negatives_per_row=2).to_dict()
+MINING_CONFIG = MiningConfig(evidence="image_cluster", n_image_clusters=3, negatives_per_row=2).to_dict()
 EVAL = {"text_to_image/R@1": 0.25, "text_to_image/R@5": 0.75, "image_to_text/R@10": 1.0}
 
 
@@ -131,7 +131,7 @@ def test_render_model_card_contents():
 
 
 def test_render_dataset_card_accepts_markdown_stats():
-    card = render_dataset_card(MiningConfig(n_image_clusters=3, negatives_per_row=2), "**6 rows**, 0 skipped")
+    card = render_dataset_card(MiningConfig(evidence="image_cluster", n_image_clusters=3, negatives_per_row=2), "**6 rows**, 0 skipped")
     assert "**6 rows**, 0 skipped" in card
     assert ModelCard(card).data.to_dict()["hf_clipneg"]["mining_config"] == MINING_CONFIG
 

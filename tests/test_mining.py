@@ -41,6 +41,8 @@ def blob_dataset(seed=0, captions=None, **kwargs):
 
 
 def mine(ds, **config):
+    config.setdefault("strategy", "cluster_weighted")
+    config.setdefault("evidence", "image_cluster")
     config.setdefault("n_image_clusters", N_BLOBS)
     config.setdefault("n_text_clusters", N_BLOBS)
     return mine_negatives(ds, MiningConfig(**config))
@@ -98,13 +100,15 @@ def test_config_coerces_validates_and_round_trips():
     assert MiningConfig.from_dict(config.to_dict()) == config
     assert MiningConfig.from_json(config.to_json()) == config
     with pytest.raises(ValueError, match=r"strategy must be one of \['vanilla'"):
-        MiningConfig(strategy="magic")
+        MiningConfig(evidence="image_cluster", strategy="magic")
     with pytest.raises(ValueError, match="similar_cluster_quantile"):
-        MiningConfig(similar_cluster_quantile=1.5)
+        MiningConfig(evidence="image_cluster", similar_cluster_quantile=1.5)
     with pytest.raises(ValueError, match="group_column"):
         MiningConfig(evidence="group")
     with pytest.raises(ValueError, match="store_features=False"):
         MiningConfig(store_features=False)
+    with pytest.raises(ValueError, match="store_features=False"):
+        MiningConfig(strategy="cluster_weighted", evidence="image_cluster", store_features=False)
 
 
 def test_config_parses_with_hf_argument_parser():
@@ -135,12 +139,12 @@ def _batch(size=6):
 
 
 def test_pair_weights_vanilla_is_all_ones():
-    weights, positives = pair_weights(_batch(), MiningConfig(strategy="vanilla"))
+    weights, positives = pair_weights(_batch(), MiningConfig(evidence="image_cluster", strategy="vanilla"))
     assert torch.equal(weights, torch.ones(6, 6)) and positives is None
 
 
 def test_pair_weights_cluster_masks_same_cluster_only():
-    weights, positives = pair_weights(_batch(), MiningConfig(strategy="cluster"))
+    weights, positives = pair_weights(_batch(), MiningConfig(evidence="image_cluster", strategy="cluster"))
     cluster = _batch()["image_cluster"]
     same = cluster[:, None] == cluster[None, :]
     eye = torch.eye(6, dtype=torch.bool)
@@ -150,7 +154,7 @@ def test_pair_weights_cluster_masks_same_cluster_only():
 
 def test_pair_weights_similar_clusters_and_both_modalities():
     batch = _batch()
-    similar = pair_weights(batch, MiningConfig(strategy="cluster", similar_cluster_quantile=0.9))[0]
+    similar = pair_weights(batch, MiningConfig(evidence="image_cluster", strategy="cluster", similar_cluster_quantile=0.9))[0]
     assert similar[0, 2] == 0 and similar[0, 3] == 0 and similar[0, 4] == 1  # clusters 0 and 1 are "similar"
     both = pair_weights(batch, MiningConfig(strategy="cluster", evidence="image_and_text_cluster"))[0]
     # rows 2, 3: same image cluster (1) and same text cluster (1) -> masked; rows 0, 1: text clusters differ.
@@ -159,9 +163,9 @@ def test_pair_weights_similar_clusters_and_both_modalities():
 
 def test_pair_weights_actions_group_and_pair_cosine():
     batch = _batch()
-    down = pair_weights(batch, MiningConfig(strategy="cluster", duplicate_action="downweight", downweight_factor=0.25))[0]
+    down = pair_weights(batch, MiningConfig(evidence="image_cluster", strategy="cluster", duplicate_action="downweight", downweight_factor=0.25))[0]
     assert down[0, 1] == 0.25 and down[0, 2] == 1
-    weights, positives = pair_weights(batch, MiningConfig(strategy="cluster", duplicate_action="positive", extra_positive_weight=0.5))
+    weights, positives = pair_weights(batch, MiningConfig(evidence="image_cluster", strategy="cluster", duplicate_action="positive", extra_positive_weight=0.5))
     assert weights[0, 1] == 0 and positives[0, 1] == 0.5 and positives[0, 0] == 1 and positives[0, 2] == 0
     group = pair_weights(batch, MiningConfig(strategy="cluster", evidence="group", group_column="g"))[0]
     assert group[0, 1] == 0 and group[2, 3] == 1  # -1 means "no group", never a match
@@ -175,16 +179,16 @@ def test_pair_weights_actions_group_and_pair_cosine():
 def test_pair_weights_weighted_grows_with_distance_and_has_row_mean_one():
     batch = _batch()
     batch["image_cluster"] = torch.arange(6)  # nothing masked
-    weights = pair_weights(batch, MiningConfig(strategy="cluster_weighted", weight_power=1.0))[0]
+    weights = pair_weights(batch, MiningConfig(evidence="image_cluster", strategy="cluster_weighted", weight_power=1.0))[0]
     cos = batch["image_features"] @ batch["image_features"].T
     off = ~torch.eye(6, dtype=torch.bool)
     for i in range(6):
         order = torch.argsort(cos[i][off[i]])  # increasing similarity
         assert (torch.diff(weights[i][off[i]][order]) <= 1e-6).all()  # weights fall as similarity rises
     torch.testing.assert_close(weights.masked_fill(~off, 0).sum(1) / 5, torch.ones(6))
-    flat = pair_weights(batch, MiningConfig(strategy="cluster_weighted", weight_power=0.0))[0]
+    flat = pair_weights(batch, MiningConfig(evidence="image_cluster", strategy="cluster_weighted", weight_power=0.0))[0]
     assert torch.equal(flat, torch.ones(6, 6))
-    strong = pair_weights(batch, MiningConfig(strategy="cluster_weighted", weight_power=3.0, max_weight=2.0))[0]
+    strong = pair_weights(batch, MiningConfig(evidence="image_cluster", strategy="cluster_weighted", weight_power=3.0, max_weight=2.0))[0]
     assert strong.max() <= 2.0 and (strong[off].std() > weights[off].std())
 
 
@@ -199,17 +203,17 @@ def test_random_pair_flags_are_deterministic_symmetric_and_hit_the_fraction():
     # A pair's fate does not depend on the other rows of the batch (any process derives the same mask).
     sub = random_pair_flags(ids[[5, 17, 300]], 0.2, seed=3)
     assert sub[0, 1] == flags[5, 17] and sub[1, 2] == flags[17, 300]
-    weights = pair_weights({"row_id": ids}, MiningConfig(strategy="random", random_drop_fraction=0.2, seed=3))[0]
+    weights = pair_weights({"row_id": ids}, MiningConfig(evidence="image_cluster", strategy="random", random_drop_fraction=0.2, seed=3))[0]
     assert torch.equal(weights == 0, flags)
 
 
 def test_pair_weights_missing_column_is_named():
     with pytest.raises(KeyError, match="similar_image_clusters.*mine_negatives"):
-        pair_weights({"image_cluster": torch.tensor([0, 1])}, MiningConfig(strategy="cluster", similar_cluster_quantile=0.5))
+        pair_weights({"image_cluster": torch.tensor([0, 1])}, MiningConfig(evidence="image_cluster", strategy="cluster", similar_cluster_quantile=0.5))
     with pytest.raises(KeyError, match="image_features"):
-        pair_weights({"image_cluster": torch.tensor([0, 1])}, MiningConfig(strategy="cluster_weighted"))
+        pair_weights({"image_cluster": torch.tensor([0, 1])}, MiningConfig(evidence="image_cluster", strategy="cluster_weighted"))
     with pytest.raises(ValueError, match="random_drop_fraction"):
-        pair_weights({"row_id": torch.tensor([0, 1])}, MiningConfig(strategy="random"))
+        pair_weights({"row_id": torch.tensor([0, 1])}, MiningConfig(evidence="image_cluster", strategy="random"))
 
 
 # ---------------------------------------------------------------- the mining step
@@ -257,7 +261,7 @@ def test_mining_is_deterministic_per_seed():
 
 def test_miner_map_is_independent_of_batch_size():
     ds, _ = blob_dataset()
-    miner = NegativeMiner(MiningConfig(n_image_clusters=N_BLOBS, negatives_per_row=3)).fit(ds)
+    miner = NegativeMiner(MiningConfig(evidence="image_cluster", n_image_clusters=N_BLOBS, negatives_per_row=3)).fit(ds)
     small = ds.map(miner, batched=True, batch_size=7, with_indices=True)
     large = ds.map(miner, batched=True, batch_size=1000, with_indices=True)
     assert small["negative_indices"] == large["negative_indices"]
@@ -320,7 +324,7 @@ def test_statistics_report_duplicates_precision_and_recall():
     x, blobs = blob_features()
     captions = [f"blob {b} item {i % 10}" for i, b in enumerate(blobs)]  # duplicates only inside a blob
     ds = Dataset.from_dict({"image_features": x, "text_features": x, "caption": captions, "blob": blobs.tolist()})
-    _, stats = mine_negatives(ds, MiningConfig(n_image_clusters=N_BLOBS, group_column="blob", stats_batch_size=60))
+    _, stats = mine_negatives(ds, MiningConfig(evidence="image_cluster", n_image_clusters=N_BLOBS, group_column="blob", stats_batch_size=60))
     assert stats.caption_duplicate_pair_rate > 0 and stats.caption_duplicates_per_batch > 0
     assert stats.evidence_recall == 1.0  # every duplicate sits in one cluster
     assert 0 < stats.evidence_precision < 1  # masked pairs are mostly different captions
@@ -369,14 +373,14 @@ def test_too_few_rows_and_too_many_clusters():
     with pytest.raises(ValueError, match="at least 2 rows"):
         mine_negatives(one.select([]))
     two = Dataset.from_dict({"image_features": x[[0, 50]], "text_features": x[[0, 50]], "caption": ["a", "b"]})
-    mined, stats = mine_negatives(two, MiningConfig(negatives_per_row=3))
+    mined, stats = mine_negatives(two, MiningConfig(evidence="image_cluster", negatives_per_row=3))
     assert mined["negative_indices"] == [[1, -1, -1], [0, -1, -1]]
     assert mined["negative_weights"][0][1:] == [0.0, 0.0]
     assert stats.rows_with_fewer_negatives == 2
     assert stats.fewer_negatives_reasons == {"all other rows are in similar image clusters": 2}
     ds, _ = blob_dataset()
     with pytest.raises(ValueError, match="n_image_clusters=500 is larger than the 120 usable rows"):
-        mine_negatives(ds, MiningConfig(n_image_clusters=500))
+        mine_negatives(ds, MiningConfig(evidence="image_cluster", n_image_clusters=500))
 
 
 def test_nan_rows_are_skipped_and_reported_inf_rows_error():
@@ -418,7 +422,7 @@ def test_store_features_false_drops_feature_columns():
 
 def test_stats_masked_fraction_matches_pair_weights_on_the_batches():
     ds, _ = blob_dataset()
-    miner = NegativeMiner(MiningConfig(n_image_clusters=N_BLOBS, strategy="cluster", stats_batch_size=40)).fit(ds)
+    miner = NegativeMiner(MiningConfig(evidence="image_cluster", n_image_clusters=N_BLOBS, strategy="cluster", stats_batch_size=40)).fit(ds)
     rows = np.arange(0, 120, 3)
     W, _ = pair_weights(miner.batch_tensors(rows), dataclasses.replace(miner.config))
     off = ~torch.eye(40, dtype=torch.bool)
@@ -444,7 +448,7 @@ def test_ivf_assignment_matches_exact_search_on_clustered_rows_and_bad_method_is
     with pytest.raises(ValueError, match="assignment must be one of"):
         spherical_kmeans(x, 3, assignment="fast")
     with pytest.raises(ValueError, match="kmeans_assignment must be one of"):
-        MiningConfig(kmeans_assignment="fast")
+        MiningConfig(evidence="image_cluster", kmeans_assignment="fast")
 
 
 def test_fit_arrays_never_modifies_the_callers_features_and_keeps_unit_norm_input_uncopied():
@@ -452,13 +456,13 @@ def test_fit_arrays_never_modifies_the_callers_features_and_keeps_unit_norm_inpu
     original = x.copy()
     x[3] = np.nan  # a skipped row
     original[3] = np.nan
-    miner = NegativeMiner(MiningConfig(n_image_clusters=N_BLOBS, cluster_text=False)).fit_arrays(x, x * 2)
+    miner = NegativeMiner(MiningConfig(evidence="image_cluster", n_image_clusters=N_BLOBS, cluster_text=False)).fit_arrays(x, x * 2)
     np.testing.assert_array_equal(x, original)  # not normalised in place, NaN row untouched
     np.testing.assert_allclose(np.linalg.norm(miner.image_features[[0, 5]], axis=1), 1.0, rtol=1e-5)
     assert (miner.image_features[3] == 0).all()
     unit = x[~np.isnan(x).any(1)] / np.linalg.norm(x[~np.isnan(x).any(1)], axis=1, keepdims=True)
     unit = np.ascontiguousarray(unit, dtype=np.float32)
-    miner = NegativeMiner(MiningConfig(n_image_clusters=N_BLOBS, cluster_text=False)).fit_arrays(unit)
+    miner = NegativeMiner(MiningConfig(evidence="image_cluster", n_image_clusters=N_BLOBS, cluster_text=False)).fit_arrays(unit)
     assert np.shares_memory(miner.image_features, unit)  # already unit-norm: no N x d copy
-    converted = NegativeMiner(MiningConfig(n_image_clusters=N_BLOBS, cluster_text=False)).fit_arrays(unit.astype(np.float64))
+    converted = NegativeMiner(MiningConfig(evidence="image_cluster", n_image_clusters=N_BLOBS, cluster_text=False)).fit_arrays(unit.astype(np.float64))
     np.testing.assert_array_equal(converted.image.labels, miner.image.labels)

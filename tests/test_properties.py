@@ -94,7 +94,7 @@ def feature_sets(draw):
 
 def _check_mining_rule(features, quantile, strategy, sampling, m):
     image, text, k, seed = features
-    config = MiningConfig(strategy=strategy, n_image_clusters=k, n_text_clusters=1, negatives_per_row=m,
+    config = MiningConfig(evidence="image_cluster", strategy=strategy, n_image_clusters=k, n_text_clusters=1, negatives_per_row=m,
                           similar_cluster_quantile=quantile, sampling=sampling, seed=seed % 1000)
     data = Dataset.from_dict({"image_features": image, "text_features": text})
     mined, stats = mine_negatives(data, config)
@@ -137,7 +137,7 @@ def test_in_batch_rule_masks_exactly_the_same_cluster_pairs(n, k, seed):
 
     rng = np.random.default_rng(seed)
     clusters = torch.from_numpy(rng.integers(0, k, n))
-    weights, positives = pair_weights({"image_cluster": clusters}, MiningConfig(strategy="cluster"))
+    weights, positives = pair_weights({"image_cluster": clusters}, MiningConfig(evidence="image_cluster", strategy="cluster"))
     same = clusters[:, None] == clusters[None, :]
     off = ~torch.eye(n, dtype=torch.bool)
     assert positives is None
@@ -148,7 +148,7 @@ def test_in_batch_rule_masks_exactly_the_same_cluster_pairs(n, k, seed):
 @given(feature_sets(), st.integers(1, 4))
 def test_miner_selection_is_independent_of_batch_composition(features, m):
     image, text, k, seed = features
-    miner = NegativeMiner(MiningConfig(n_image_clusters=k, n_text_clusters=1, negatives_per_row=m, seed=seed % 97))
+    miner = NegativeMiner(MiningConfig(evidence="image_cluster", n_image_clusters=k, n_text_clusters=1, negatives_per_row=m, seed=seed % 97))
     miner.fit_arrays(image, text)
     rows = np.arange(image.shape[0])
     whole, _, _ = miner.select_negatives(rows)

@@ -139,7 +139,7 @@ def test_push_with_a_token_never_prints_logs_or_writes_it(hub, tiny_dual_encoder
                              training_args={"hub_token": ALICE_TOKEN, "push_to_hub_token": ALICE_TOKEN, "lr": 1e-3})
     push_model(model, processor, repo_id, card, token=ALICE_TOKEN)
     data = Dataset.from_dict({"caption": ["a red circle", "a blue star"], "row_id": [0, 1]})
-    push_mined_dataset(data, unique_repo("sec-data"), MiningConfig(n_image_clusters=2).to_dict(), token=ALICE_TOKEN)
+    push_mined_dataset(data, unique_repo("sec-data"), MiningConfig(evidence="image_cluster", n_image_clusters=2).to_dict(), token=ALICE_TOKEN)
     captured = capsys.readouterr()
     assert caplog.records
     assert ALICE_TOKEN not in caplog.text

@@ -44,7 +44,7 @@ def mined():
     pairs = make_synthetic_pairs(num_rows=48, seed=0, image_size=32)
     model, processor = build_tiny_dual_encoder()
     dataset, _ = mine_negatives(
-        pairs, MiningConfig(n_image_clusters=4, n_text_clusters=4, negatives_per_row=2), model=model, processor=processor
+        pairs, MiningConfig(evidence="image_cluster", n_image_clusters=4, n_text_clusters=4, negatives_per_row=2), model=model, processor=processor
     )
     return dataset
 
@@ -128,7 +128,8 @@ def test_mined_texts_join_the_batch_only_for_cluster_strategies(tmp_path, mined)
     model, processor = build_tiny_dual_encoder()
     for strategy, expect_mined in [("cluster_weighted", True), ("vanilla", False), ("random", False)]:
         trainer = ClipNegTrainer(
-            model=model, args=_args(tmp_path, negative_strategy=strategy), train_dataset=mined, processing_class=processor
+            model=model, args=_args(tmp_path, negative_strategy=strategy, mined_negatives_per_row=None),
+            train_dataset=mined, processing_class=processor,
         )
         batch = trainer.data_collator([mined[i] for i in range(4)])
         assert ("num_mined" in batch) is expect_mined

@@ -54,7 +54,6 @@ class MineArguments:
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push the mined dataset to."})
     private: bool = field(default=False)
     batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
-    on_bad_image: str = field(default="error", metadata={"choices": ["error", "skip"]})
 
 
 @dataclass
@@ -102,7 +101,7 @@ def cmd_mine(argv: list[str]) -> int:
     config = canonical_columns(config)
     mined, stats = mine_negatives(
         pairs, config, model=model, processor=processor, batch_size=mine_args.batch_size,
-        on_bad_image=mine_args.on_bad_image,
+        on_bad_image=data_args.on_bad_image,
     )
     print(stats.to_markdown())
     if mine_args.output_dir:

@@ -19,7 +19,9 @@ class DemoArguments:
     output_dir: str = field(default="outputs/demo")
     num_train: int = field(default=600, metadata={"help": "Synthetic training rows."})
     num_eval: int = field(default=200, metadata={"help": "Synthetic test rows."})
-    strategies: str = field(default="vanilla,random,cluster_weighted")
+    strategies: str = field(
+        default="vanilla,random,cluster", metadata={"help": "Comma list; `cluster` is the default MiningConfig rule."}
+    )
     image_size: int = field(
         default=96, metadata={"help": "Side the vision tower sees (the synthetic images are 64 px; 224 is 5x slower)."}
     )

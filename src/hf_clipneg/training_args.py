@@ -38,8 +38,11 @@ class ClipNegTrainingArguments(TrainingArguments):
         },
     )
     mined_negatives_per_row: int | None = field(
-        default=None,
-        metadata={"help": "How many mined incorrect texts per image join the loss (0 disables; default: all mined)."},
+        default=0,
+        metadata={
+            "help": "How many mined incorrect texts per image join the loss (None: all mined). Default 0: they "
+            "cost a text-tower pass each and measured no gain (shared/notes/false-negatives-study.md)."
+        },
     )
     gather_across_processes: bool = field(
         default=True, metadata={"help": "Contrast against the global batch of all processes (open_clip style)."}
