@@ -537,7 +537,7 @@ def train_run(
     results["masked_fraction"] = flagged / pairs if pairs else 0.0
     results["mean_negative_weight"] = weight_sum / pairs if pairs else 1.0
     results["masked_category_precision"] = cat_hits / flagged if flagged else None
-    results["final_loss"] = float(loss)
+    results["final_loss"] = float(loss.detach())
     results["logit_scale"] = float(model.logit_scale.exp())
     results["seconds"] = time.perf_counter() - started
     return results
@@ -569,42 +569,6 @@ def batch_false_negative_rates(train: SplitData, batch_size: int, seed: int = 0,
         "exact_per_row": exact / pairs * (batch_size - 1),
         "category_per_row": cat / pairs * (batch_size - 1),
     }
-
-
-# ------------------------------------------------------------------------------------------------
-# Rule variants the mining module lacks (same signature as hf_clipneg.mining.pair_weights)
-# ------------------------------------------------------------------------------------------------
-
-
-def any_evidence_pair_weights(batch: Mapping[str, torch.Tensor], config: Any, step: int | None = None):
-    """Flag a pair when ANY piece of near-certain evidence holds: same `group` (e.g. identical normalised
-    caption), OR image cosine > image_cosine_threshold, OR text cosine > text_cosine_threshold (each used
-    only when set). The library's `pair_cosine` requires image AND text; this is the OR. Actions and the
-    `cluster_weighted` distance weights are the library's."""
-    from hf_clipneg.mining import DuplicateAction, NegativeStrategy, distance_weights
-
-    size = next(iter(batch.values())).shape[0]
-    eye = torch.eye(size, dtype=torch.bool)
-    flags = torch.zeros(size, size, dtype=torch.bool)
-    if config.group_column and "group" in batch:
-        g = batch["group"].long()
-        flags |= (g[:, None] == g[None, :]) & (g[:, None] >= 0)
-    for key, threshold in (("image_features", config.image_cosine_threshold), ("text_features", config.text_cosine_threshold)):
-        if threshold is not None:
-            x = F.normalize(batch[key].float(), dim=-1)
-            flags |= (x @ x.T) > threshold
-    flags &= ~eye
-    weights = torch.ones(size, size)
-    if config.strategy == NegativeStrategy.CLUSTER_WEIGHTED:
-        weights = distance_weights(batch["image_features"], ~flags & ~eye, config.weight_power, config.max_weight)
-    positives = None
-    if config.duplicate_action == DuplicateAction.DOWNWEIGHT:
-        weights = torch.where(flags, torch.full_like(weights, config.downweight_factor), weights)
-    else:
-        weights = weights.masked_fill(flags, 0.0)
-        if config.duplicate_action == DuplicateAction.POSITIVE:
-            positives = eye.float() + flags.float() * config.extra_positive_weight
-    return weights.masked_fill(eye, 1.0), positives
 
 
 def library_rule(batch, config, step=None):

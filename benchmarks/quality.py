@@ -246,10 +246,10 @@ def sweep_variants(has_category: bool, smoke: bool) -> list[dict[str, Any]]:
          "config": {"strategy": "cluster", **cap, "duplicate_action": "positive"}},
         {"name": "img_cos0.97_mask", "rule": "library",
          "config": {"strategy": "cluster", "evidence": "pair_cosine", "image_cosine_threshold": 0.97}},
-        {"name": "caption_or_img0.97_mask", "rule": "any", "group": "text",
-         "config": {"strategy": "cluster", "evidence": "pair_cosine", "group_column": "caption", "image_cosine_threshold": 0.97}},
-        {"name": "caption_or_img0.97_weighted_g2", "rule": "any", "group": "text",
-         "config": {"strategy": "cluster_weighted", "evidence": "pair_cosine", "group_column": "caption",
+        {"name": "caption_or_img0.97_mask", "rule": "library", "group": "text",
+         "config": {"strategy": "cluster", "evidence": "any", "group_column": "caption", "image_cosine_threshold": 0.97}},
+        {"name": "caption_or_img0.97_weighted_g2", "rule": "library", "group": "text",
+         "config": {"strategy": "cluster_weighted", "evidence": "any", "group_column": "caption",
                     "image_cosine_threshold": 0.97, "weight_power": 2.0}},
     ]
     if has_category:
@@ -264,12 +264,10 @@ def make_config(variant: dict[str, Any], seed: int):
     cfg = dict(variant["config"])
     cfg.setdefault("seed", seed)
     cfg["store_features"] = True
-    if variant["rule"] == "any" and cfg.get("evidence") == "pair_cosine" and cfg.get("image_cosine_threshold") is None:
-        cfg["evidence"] = "image_cluster"  # the OR rule reads the thresholds itself; evidence only needs to validate
     return MiningConfig(**cfg)
 
 
-RULES = {"library": Q.library_rule, "any": Q.any_evidence_pair_weights, "vanilla": None}
+RULES = {"library": Q.library_rule, "vanilla": None}
 
 
 _CTX: dict[str, Any] = {}  # set in the parent before the worker pool forks (copy-on-write)

@@ -466,3 +466,29 @@ def test_fit_arrays_never_modifies_the_callers_features_and_keeps_unit_norm_inpu
     assert np.shares_memory(miner.image_features, unit)  # already unit-norm: no N x d copy
     converted = NegativeMiner(MiningConfig(evidence="image_cluster", n_image_clusters=N_BLOBS, cluster_text=False)).fit_arrays(unit.astype(np.float64))
     np.testing.assert_array_equal(converted.image.labels, miner.image.labels)
+
+
+def test_any_evidence_flags_a_pair_when_one_signal_fires():
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    batch = {"image_features": image, "text_features": text, "group": torch.tensor([0, 1, 2, 0])}
+    config = MiningConfig(strategy="cluster", evidence="any", group_column="g", image_cosine_threshold=0.99,
+                          text_cosine_threshold=None)
+    weights, _ = pair_weights(batch, config)
+    masked = {(i, j) for i in range(4) for j in range(4) if i != j and weights[i, j] == 0}
+    # rows 0/1 and 2/3: near-identical images; rows 0/3: same group; the text column is not read.
+    assert masked == {(0, 1), (1, 0), (0, 3), (3, 0), (2, 3), (3, 2)}
+    with pytest.raises(ValueError, match="evidence='any' needs"):
+        pair_weights(batch, MiningConfig(strategy="cluster", evidence="any", image_cosine_threshold=None))
+
+
+def test_any_evidence_mined_negatives_avoid_every_flagged_pair():
+    ds, _ = blob_dataset()
+    mined, _ = mine(ds, evidence="any", image_cosine_threshold=0.9, group_column="blob", strategy="cluster")
+    x = np.array(mined["image_features"])
+    groups = np.array(mined["group"])
+    for row in range(len(mined)):
+        for j in mined[row]["negative_indices"]:
+            if j >= 0:
+                assert groups[row] != groups[j]
+                assert float(x[row] @ x[j]) <= 0.9 + 1e-5

@@ -71,12 +71,15 @@ class DuplicateEvidence(str, Enum):
     * ``pair_cosine``: image cosine > ``image_cosine_threshold`` and, when set, text cosine >
       ``text_cosine_threshold``.
     * ``group``: same value of ``group_column`` (e.g. a product id; true labels make it an oracle).
+    * ``any``: near-certain evidence of any kind: same group (when ``group_column`` is set) OR image
+      cosine > ``image_cosine_threshold`` OR text cosine > ``text_cosine_threshold`` (each when set).
     """
 
     IMAGE_CLUSTER = "image_cluster"
     IMAGE_AND_TEXT_CLUSTER = "image_and_text_cluster"
     PAIR_COSINE = "pair_cosine"
     GROUP = "group"
+    ANY = "any"
 
 
 class DuplicateAction(str, Enum):
@@ -325,10 +328,24 @@ def evidence_flags(left: Mapping[str, torch.Tensor], right: Mapping[str, torch.T
             flags &= _cosine(left, right, TEXT_FEATURES, "evidence='pair_cosine' with a text threshold") > config.text_cosine_threshold
         return flags
     if evidence == DuplicateEvidence.GROUP:
-        left_group = _need(left, "group", "evidence='group'").long()
-        right_group = _need(right, "group", "evidence='group'").long()
-        return (left_group[:, None] == right_group[None, :]) & (left_group[:, None] >= 0)
+        return _same_group(left, right, "evidence='group'")
+    if evidence == DuplicateEvidence.ANY:
+        why = "evidence='any'"
+        flags = _same_group(left, right, why) if config.group_column else None
+        for key, threshold in ((IMAGE_FEATURES, config.image_cosine_threshold), (TEXT_FEATURES, config.text_cosine_threshold)):
+            if threshold is not None:
+                close = _cosine(left, right, key, why) > threshold
+                flags = close if flags is None else flags | close
+        if flags is None:
+            raise ValueError("evidence='any' needs group_column, image_cosine_threshold or text_cosine_threshold.")
+        return flags
     raise ValueError(f"Unknown evidence {evidence!r}.")
+
+
+def _same_group(left: Mapping, right: Mapping, why: str) -> torch.Tensor:
+    left_group = _need(left, "group", why).long()
+    right_group = _need(right, "group", why).long()
+    return (left_group[:, None] == right_group[None, :]) & (left_group[:, None] >= 0)
 
 
 def _mix31(x: torch.Tensor) -> torch.Tensor:
@@ -961,15 +978,27 @@ class NegativeMiner:
         allowed = np.ones(candidates.shape, dtype=bool)
         if config.strategy not in (NegativeStrategy.CLUSTER, NegativeStrategy.CLUSTER_WEIGHTED):
             return allowed
-        if config.evidence == DuplicateEvidence.GROUP:
+        # The numpy twin of `evidence_flags` for the (rows x candidates) pairs of explicit negatives.
+        def same_group() -> np.ndarray:
             left = self.groups[rows][:, None]
-            allowed &= ~((left == self.groups[candidates]) & (left >= 0))
+            return (left == self.groups[candidates]) & (left >= 0)
+
+        def close(features: np.ndarray, threshold: float) -> np.ndarray:
+            return np.einsum("nd,nmd->nm", features[rows], features[candidates]) > threshold
+
+        if config.evidence == DuplicateEvidence.GROUP:
+            allowed &= ~same_group()
         elif config.evidence == DuplicateEvidence.PAIR_COSINE:
-            cos = np.einsum("nd,nmd->nm", self.image_features[rows], self.image_features[candidates])
-            flagged = cos > config.image_cosine_threshold
+            flagged = close(self.image_features, config.image_cosine_threshold)
             if config.text_cosine_threshold is not None:
-                text_cos = np.einsum("nd,nmd->nm", self.text_features[rows], self.text_features[candidates])
-                flagged &= text_cos > config.text_cosine_threshold
+                flagged &= close(self.text_features, config.text_cosine_threshold)
+            allowed &= ~flagged
+        elif config.evidence == DuplicateEvidence.ANY:
+            flagged = same_group() if config.group_column else np.zeros(candidates.shape, dtype=bool)
+            if config.image_cosine_threshold is not None:
+                flagged |= close(self.image_features, config.image_cosine_threshold)
+            if config.text_cosine_threshold is not None:
+                flagged |= close(self.text_features, config.text_cosine_threshold)
             allowed &= ~flagged
         return allowed
 
