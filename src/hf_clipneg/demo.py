@@ -20,7 +20,8 @@ class DemoArguments:
     num_train: int = field(default=600, metadata={"help": "Synthetic training rows."})
     num_eval: int = field(default=200, metadata={"help": "Synthetic test rows."})
     strategies: str = field(
-        default="vanilla,random,cluster", metadata={"help": "Comma list; `cluster` is the default MiningConfig rule."}
+        default="vanilla,random,cluster,cluster_weighted",
+        metadata={"help": "Comma list; `cluster` is the default MiningConfig rule, `cluster_weighted` adds weights."},
     )
     image_size: int = field(
         default=96, metadata={"help": "Side the vision tower sees (the synthetic images are 64 px; 224 is 5x slower)."}
@@ -53,13 +54,13 @@ def run_demo(args: DemoArguments) -> list[dict[str, Any]]:
 
     model_args = ModelArguments(tiny_random_towers=args.tiny_random_towers)
     splits = make_synthetic_splits(args.num_train, args.num_eval, seed=args.seed)
-    model, processor = _load(model_args, args.image_size)
+    model, processor = _load(model_args, args.image_size, args.seed)
     mined, stats = mine_negatives(splits["train"], MiningConfig(seed=args.seed), model=model, processor=processor)
     logger.info("Mining statistics:\n%s", stats.to_markdown())
 
     results = []
     for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
-        model, processor = _load(model_args, args.image_size)
+        model, processor = _load(model_args, args.image_size, args.seed)
         training_args = ClipNegTrainingArguments(
             output_dir=os.path.join(args.output_dir, strategy),
             negative_strategy=strategy,
@@ -106,9 +107,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _load(model_args: Any, image_size: int) -> tuple[Any, Any]:
+def _load(model_args: Any, image_size: int, seed: int) -> tuple[Any, Any]:
+    from transformers import set_seed
+
     from .pipeline import load_model
 
+    set_seed(seed)  # the new projection heads are random: every strategy starts from the same ones
     model, processor = load_model(model_args)
     if not model_args.tiny_random_towers:
         processor.image_processor.size = {"height": image_size, "width": image_size}

@@ -155,6 +155,8 @@ def train(
     `columns` names the user's columns (default: those of the mining config).
     Returns the trainer and the final evaluation metrics (empty without an eval split).
     """
+    from transformers import set_seed
+
     from .data import check_images
     from .mining import MiningConfig, NegativeStrategy, mine_negatives
     from .trainer import ClipNegTrainer
@@ -166,6 +168,7 @@ def train(
         else:
             mining_config = MiningConfig(seed=training_args.seed)
 
+    set_seed(training_args.seed)  # new projection heads are initialised here, before the Trainer seeds
     model, processor = load_model(model_args)
     train_set, eval_set = load_data(data_args, columns or mining_config, seed=training_args.seed)
     mining_config = canonical_columns(mining_config)
