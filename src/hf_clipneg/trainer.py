@@ -188,7 +188,11 @@ class ClipNegTrainer(Trainer):
                 ttd_max_tags=args.ttd_max_tags if args.ttd_weight > 0 else 0,
                 tags_column=args.ttd_tags_column,
             )
-        self.eval_collator = dataclasses.replace(data_collator, mined_negatives_per_row=0, augment=False, ttd_max_tags=0)
+        self.eval_collator = (
+            dataclasses.replace(data_collator, mined_negatives_per_row=0, augment=False, ttd_max_tags=0)
+            if isinstance(data_collator, ClipNegCollator)
+            else data_collator
+        )
         super().__init__(
             model=model,
             args=args,
