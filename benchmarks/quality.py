@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depths", default="frozen,partial")
     p.add_argument("--partial-regimes", default="many", help="regimes run at partial depth (partial is costly on CPU)")
     p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--clustering-backend", default="kmeans", choices=["kmeans", "cpp"],
+                   help="backend of the image clusters of the paper's rule (MiningConfig.clustering_backend)")
     p.add_argument("--no-sweep", action="store_true", help="skip the validation sweep (use --default-variant)")
     p.add_argument("--default-variant", default=None, help="name of the sweep variant to use as `default`")
     p.add_argument("--smoke", action="store_true", help="tiny random towers + synthetic data, a few seconds")
@@ -185,10 +187,11 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Q.SplitData], Q.Towers,
 class EvidenceBuilder:
     """Per-row evidence tensors for pair_weights, with k-means labels cached per k."""
 
-    def __init__(self, train: Q.SplitData, seed: int = 0) -> None:
-        from hf_clipneg.clustering import spherical_kmeans
+    def __init__(self, train: Q.SplitData, seed: int = 0, backend: str = "kmeans") -> None:
+        from hf_clipneg.clustering import cluster_features
 
-        self.train, self.seed, self._kmeans = train, seed, spherical_kmeans
+        self.train, self.seed = train, seed
+        self._kmeans = lambda feats, k, seed: cluster_features(feats, k, backend=backend, seed=seed)
         self.image_features = F.normalize(train.image_pooled, dim=-1)
         self.text_features = F.normalize(train.text_pooled, dim=-1)
         used_texts = torch.unique(train.row_text)
@@ -351,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     partial_regimes = [r for r in args.partial_regimes.split(",") if r in regimes]
     metric = "cat_t2i_R@1" if has_category else "inst_t2i_R@1"
     stats = {r: Q.Standardiser.fit(data["train_many" if r == "many" else "train"]) for r in regimes}
-    evidence = {r: EvidenceBuilder(data["train_many" if r == "many" else "train"]) for r in regimes}
+    evidence = {
+        r: EvidenceBuilder(data["train_many" if r == "many" else "train"], backend=args.clustering_backend)
+        for r in regimes
+    }
     report: dict[str, Any] = {"settings": vars(args).copy(), "data": info, "select_metric": metric, "regimes": {}}
     features_s = time.perf_counter() - started
     logger.info("features ready after %.1fs", features_s)
