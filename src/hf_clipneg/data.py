@@ -520,14 +520,17 @@ def _scan_values(dataset: Dataset, has_group: bool) -> tuple[list[int], list[int
     batches = dataset.select_columns(columns).with_format("arrow").iter(batch_size=_SCAN_BATCH)
     total = -(-len(dataset) // _SCAN_BATCH)
     for batch in tqdm(batches, total=total, desc="Checking captions", disable=total < 10):
-        captions = batch.column(CAPTION_COLUMN)
-        blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(captions)), 0)
-        is_empty = pc.fill_null(pc.or_kleene(pc.is_null(captions), blank), True)
-        empty += (np.flatnonzero(_to_numpy(is_empty)) + offset).tolist()
+        empty += (np.flatnonzero(blank_captions(batch.column(CAPTION_COLUMN))) + offset).tolist()
         if has_group:
             no_group += (np.flatnonzero(_to_numpy(pc.is_null(batch.column(GROUP_COLUMN)))) + offset).tolist()
         offset += batch.num_rows
     return empty, no_group
+
+
+def blank_captions(captions: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Boolean numpy array: True where a caption is missing (null), empty or only whitespace."""
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(captions)), 0)
+    return _to_numpy(pc.fill_null(pc.or_kleene(pc.is_null(captions), blank), True)).astype(bool)
 
 
 def _to_numpy(array: pa.ChunkedArray | pa.Array) -> np.ndarray:

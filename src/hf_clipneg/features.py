@@ -21,7 +21,9 @@ from datasets import Dataset
 from datasets import Image as ImageFeature
 from datasets.fingerprint import Hasher
 
+from .data import blank_captions
 from .images import BadImageError, to_rgb
+from .towers import mean_pool
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +76,6 @@ def processor_digest(processor: Any) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _masked_mean(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    try:
-        from .towers import mean_pool
-    except ImportError:  # towers.py absent in a partial install: same formula
-        mask = attention_mask.to(last_hidden_state.dtype).unsqueeze(-1)
-        return (last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    return mean_pool(last_hidden_state, attention_mask)
-
-
 def check_captions(dataset: Dataset, caption_column: str) -> None:
     """Raise a ValueError naming the rows whose caption is missing, empty or only whitespace."""
     if caption_column not in dataset.column_names:
@@ -94,9 +87,7 @@ def check_captions(dataset: Dataset, caption_column: str) -> None:
         column = column.column(0)
     if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
         raise TypeError(f"Caption column {caption_column!r} must hold strings, got {column.type}.")
-    empty = pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_trim_whitespace(column), ""))
-    empty = pc.fill_null(empty, True)
-    bad = np.flatnonzero(np.asarray(empty.to_numpy(zero_copy_only=False), dtype=bool))
+    bad = np.flatnonzero(blank_captions(column))
     if bad.size:
         raise ValueError(
             f"{bad.size} row(s) have an empty or missing caption in column {caption_column!r}, first rows: "
@@ -147,7 +138,7 @@ class _Embedder:
             )
             text_inputs = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
             text_out = self.model.text_model(**text_inputs)
-            text_features = _masked_mean(text_out.last_hidden_state.float(), text_inputs["attention_mask"])
+            text_features = mean_pool(text_out.last_hidden_state.float(), text_inputs["attention_mask"])
             image_features = torch.nn.functional.normalize(image_features, dim=-1).cpu().numpy()
             text_features = torch.nn.functional.normalize(text_features, dim=-1).cpu().numpy()
         if bad:

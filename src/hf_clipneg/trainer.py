@@ -268,7 +268,7 @@ class ClipNegTrainer(Trainer):
         if self.args.cluster_spread_sampler:
             if "image_cluster" not in dataset.column_names:
                 raise ValueError("cluster_spread_sampler needs the `image_cluster` column of a mined dataset.")
-            return ClusterSpreadSampler(dataset["image_cluster"], seed=self.args.seed)
+            return ClusterSpreadSampler(dataset.with_format("numpy")["image_cluster"], seed=self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
     def _global_metadata(self, meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
