@@ -466,17 +466,37 @@ class TrainSettings:
     tower_lr: float = 1e-4
     weight_decay: float = 0.01
     projection_dim: int = 256
+    batch_groups: torch.Tensor | None = None  # crowded regimes: per-row group ids the batches are drawn along
+    batch_mix: float = 0.0  # share of each batch drawn from the group-sorted stream (0 = plain shuffled batches)
 
+def batch_order(n_rows: int, steps: int, batch_size: int, seed: int, groups: torch.Tensor | None = None,
+                mix: float = 0.0) -> torch.Tensor:
+    """Row indices of every step: shuffled epochs, incomplete last batches dropped; same for every strategy.
 
-def batch_order(n_rows: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Row indices of every step: shuffled epochs, incomplete last batches dropped; same for every strategy."""
+    With `groups` and `mix` > 0 ("crowded" regimes), the first `mix` share of every batch comes from a stream
+    sorted by group (groups in random order, rows shuffled within), the rest from a plain shuffle: batches
+    crowded with similar items, like a data set of one kind of product or shards sorted by category.
+    """
     generator = torch.Generator().manual_seed(10_000 + seed)
     per_epoch = n_rows // batch_size
     if per_epoch < 1:
         raise ValueError(f"batch_size {batch_size} is larger than the {n_rows} training rows; lower --batch-size.")
     epochs = math.ceil(steps / per_epoch)
-    order = [torch.randperm(n_rows, generator=generator)[: per_epoch * batch_size] for _ in range(epochs)]
-    return torch.cat(order).view(-1, batch_size)[:steps]
+    crowded = int(round(batch_size * mix)) if groups is not None else 0
+    order = []
+    for _ in range(epochs):
+        perm = torch.randperm(n_rows, generator=generator)
+        if not crowded:
+            order.append(perm[: per_epoch * batch_size].view(per_epoch, batch_size))
+            continue
+        n_groups = int(groups.max()) + 1
+        rank = torch.empty(n_groups, dtype=torch.long)
+        rank[torch.randperm(n_groups, generator=generator)] = torch.arange(n_groups)
+        stream = perm[torch.argsort(rank[groups[perm]], stable=True)][: per_epoch * crowded].view(per_epoch, crowded)
+        filler = torch.randperm(n_rows, generator=generator)[: per_epoch * (batch_size - crowded)]
+        epoch = torch.cat([stream, filler.view(per_epoch, batch_size - crowded)], 1)
+        order.append(epoch[torch.randperm(per_epoch, generator=generator)])
+    return torch.cat(order)[:steps]
 
 
 def train_run(
@@ -501,7 +521,7 @@ def train_run(
         groups.append({"params": model.tower_parameters(), "lr": settings.tower_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
     loss_fn = WeightedContrastiveLoss(gather_across_processes=False)
-    order = batch_order(train.n_rows, settings.steps, settings.batch_size, seed)
+    order = batch_order(train.n_rows, settings.steps, settings.batch_size, seed, settings.batch_groups, settings.batch_mix)
     category = torch.as_tensor(train.row_category)
     flagged = weight_sum = cat_hits = 0.0
     pairs = 0
@@ -543,11 +563,12 @@ def train_run(
     return results
 
 
-def batch_false_negative_rates(train: SplitData, batch_size: int, seed: int = 0, n_batches: int = 40) -> dict[str, float]:
+def batch_false_negative_rates(train: SplitData, batch_size: int, seed: int = 0, n_batches: int = 40,
+                               groups: torch.Tensor | None = None, mix: float = 0.0) -> dict[str, float]:
     """In-batch false negatives of a regime, measured on the training batch order: share of off-diagonal
     pairs (and count per row) whose text is a caption of the other image (same image or identical text:
     `exact`) or that share the category (`category`)."""
-    order = batch_order(train.n_rows, min(n_batches, train.n_rows // batch_size), batch_size, seed)
+    order = batch_order(train.n_rows, min(n_batches, train.n_rows // batch_size), batch_size, seed, groups, mix)
     norm = codes([normalise_text(t) for t in train.texts])
     text_code = torch.as_tensor(norm)[train.row_text]
     category = torch.as_tensor(train.row_category)
@@ -575,6 +596,28 @@ def library_rule(batch, config, step=None):
     from hf_clipneg.mining import pair_weights
 
     return pair_weights(batch, config, step=step)
+
+
+def crowded_rows(image_cluster: torch.Tensor, share: float) -> torch.Tensor:
+    """(B,) bool: rows whose image cluster holds at least `share` of the other rows of the batch."""
+    same = image_cluster[:, None] == image_cluster[None, :]
+    return same.sum(1) - 1 >= share * (len(image_cluster) - 1)
+
+
+def crowding_gated_rule(share: float):
+    """The library rule applied only to pairs with a row whose image cluster crowds the batch; other pairs stay
+    plain negatives (an experiment: apply the paper's rule where batches are crowded with similar items)."""
+
+    def rule(batch, config, step=None):
+        weights, positives = library_rule(batch, config, step=step)
+        crowded = crowded_rows(batch["image_cluster"], share)
+        applies = crowded[:, None] | crowded[None, :]
+        weights = torch.where(applies, weights, torch.ones_like(weights))
+        if positives is not None:
+            positives = torch.where(applies, positives, torch.eye(len(crowded)))
+        return weights, positives
+
+    return rule
 
 
 @torch.no_grad()

@@ -116,8 +116,8 @@ class MiningConfig:
 
     Default rule: mask only near-duplicate images (frozen image cosine > 0.97). On real product data
     (benchmarks/quality.py, chosen on validation) this never hurt retrieval, while the paper's literal rule
-    (``strategy="cluster_weighted", evidence="image_cluster"``) lost 1-1.6 points of R@1: most same-cluster
-    pairs are the hardest *true* negatives. Set those two fields for the paper's method.
+    (``strategy="cluster_weighted", evidence="image_cluster"``) lost 1.2-2.5 points of category R@1 in 5 of 6
+    settings: most same-cluster pairs are the hardest *true* negatives. Set those two fields for the paper's method.
 
     Fields resolved from the data by the mining step (leave them None): ``n_image_clusters``,
     ``n_text_clusters`` (None = :func:`default_n_clusters`), ``image_centroid_threshold`` /
