@@ -4,7 +4,7 @@ Usage:
     python benchmarks/mining_speed.py [--sizes 10000 100000 1000000] [--smoke] [--dim 384]
         [--assignment exact|ivf] [--extraction-sample 64]
 
-Features are drawn from a mixture of Gaussians on the sphere (a realistic clustered layout). Timed:
+Features are drawn from a mixture of Gaussians on the sphere (`speed.clustered_vectors`). Timed:
 `NegativeMiner.fit_arrays` (spherical k-means with the default k, the resolved thresholds, the
 statistics) and `select_negatives` for every row (m=4, chunks of 10,000 rows). Text clustering is not
 timed (image features only): with text features it costs about the same k-means again.
@@ -27,25 +27,14 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 
 import numpy as np
 
-
-def _mixture(n_rows: int, dim: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    n_components = max(4, int(np.sqrt(n_rows)))
-    centres = rng.standard_normal((n_components, dim), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    features = np.empty((n_rows, dim), dtype=np.float32)
-    for start in range(0, n_rows, 100_000):
-        stop = min(start + 100_000, n_rows)
-        component = rng.integers(0, n_components, stop - start)
-        noise = rng.standard_normal((stop - start, dim), dtype=np.float32) * np.float32(0.8 / np.sqrt(dim))
-        features[start:stop] = centres[component] + noise
-    features /= np.linalg.norm(features, axis=1, keepdims=True)
-    return features
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from speed import clustered_vectors  # noqa: E402  (the same clustered layout as the retrieval benchmark)
 
 
 def _status_kib(field: str) -> int | None:
@@ -147,7 +136,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for n_rows in sizes:
             path = os.path.join(folder, f"features_{n_rows}.npy")
-            np.save(path, _mixture(n_rows, args.dim))
+            np.save(path, clustered_vectors(n_rows, args.dim))
             queue = context.Queue()
             process = context.Process(target=_run, args=(path, args.assignment, queue))
             process.start()

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._matrices import as_float_matrix, l2_normalise
+
 logger = logging.getLogger(__name__)
 
 #: Scores within this distance of the best relevant score count as ties (cosines lie in [-1, 1]).
@@ -164,52 +166,15 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
 def _as_embedding_pair(image_embeds: Any, text_embeds: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate both matrices and return them L2-normalised, on one device, in one float dtype."""
     device = next((x.device for x in (image_embeds, text_embeds) if isinstance(x, torch.Tensor)), torch.device("cpu"))
-    images = _as_matrix(image_embeds, "image_embeds", device)
-    texts = _as_matrix(text_embeds, "text_embeds", device)
+    images = as_float_matrix(image_embeds, "image_embeds", device=device)
+    texts = as_float_matrix(text_embeds, "text_embeds", device=device)
     if images.shape[1] != texts.shape[1]:
         raise ValueError(
             f"image_embeds have dimension {images.shape[1]} but text_embeds have {texts.shape[1]}; both must come "
             "from the same dual encoder's projections."
         )
     dtype = torch.float64 if images.dtype == texts.dtype == torch.float64 else torch.float32
-    return _normalise(images.to(dtype), "image_embeds"), _normalise(texts.to(dtype), "text_embeds")
-
-
-def _as_matrix(values: Any, name: str, device: torch.device) -> torch.Tensor:
-    if isinstance(values, torch.Tensor):
-        tensor = values.detach()
-    else:
-        array = np.asarray(values)
-        if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-            raise TypeError(f"{name} must be a numeric (float) matrix, got dtype {array.dtype}.")
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if tensor.is_complex() or tensor.dtype == torch.bool:
-        raise TypeError(f"{name} must be a real float matrix, got dtype {tensor.dtype}.")
-    if tensor.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (items x dimension), got shape {tuple(tensor.shape)}.")
-    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)}); there is nothing to evaluate.")
-    tensor = tensor.to(device)
-    if not tensor.is_floating_point() or tensor.dtype in (torch.float16, torch.bfloat16):
-        tensor = tensor.float()
-    bad_rows = (~torch.isfinite(tensor)).any(dim=1).nonzero().flatten()
-    if len(bad_rows):
-        raise ValueError(
-            f"{name} row {int(bad_rows[0])} contains NaN or inf ({len(bad_rows)} such rows in all). "
-            "Check the model's outputs (a diverged model, or fp16 overflow) before computing retrieval metrics."
-        )
-    return tensor
-
-
-def _normalise(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    norms = tensor.norm(dim=1, keepdim=True)
-    zero_rows = (norms.squeeze(1) == 0).nonzero().flatten()
-    if len(zero_rows):
-        raise ValueError(
-            f"{name} row {int(zero_rows[0])} is the zero vector ({len(zero_rows)} such rows in all); it has no "
-            "direction, so cosine similarity is undefined. Check how that embedding was produced."
-        )
-    return tensor / norms
+    return l2_normalise(images.to(dtype), "image_embeds"), l2_normalise(texts.to(dtype), "text_embeds")
 
 
 def _group_ids(image_groups: Any, text_groups: Any, n_images: int, n_texts: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ._matrices import as_float_matrix, l2_normalise
+
 logger = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -69,44 +71,7 @@ GROUP_SEPARATOR = "/"
 
 
 def _as_matrix(x: ArrayLike, name: str, dim: int | None = None) -> torch.Tensor:
-    """Return ``x`` as a float 2-D tensor, with an error naming the row of the first bad value."""
-    if isinstance(x, np.ndarray):
-        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise TypeError(f"{name} must hold numbers, got dtype {x.dtype}.")
-        x = torch.from_numpy(np.asarray(x))
-    elif not isinstance(x, torch.Tensor):
-        try:
-            x = torch.as_tensor(np.asarray(x, dtype=np.float64))
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"{name} must be a 2-D array of numbers: {err}") from err
-    if x.is_complex() or x.dtype == torch.bool:
-        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}.")
-    if x.ndim == 1:
-        x = x.unsqueeze(0)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (rows x features), got shape {tuple(x.shape)}.")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty: it needs at least one row.")
-    if dim is not None and x.shape[1] != dim:
-        raise ValueError(f"{name} has {x.shape[1]} features per row, expected {dim}.")
-    if not x.is_floating_point():
-        x = x.float()
-    bad = ~torch.isfinite(x).all(dim=1)
-    if bad.any():
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"{name} has NaN or infinite values in row {row} ({int(bad.sum())} bad rows in all); "
-            "remove or re-encode those rows first."
-        )
-    return x
-
-
-def _normalize(x: torch.Tensor, name: str) -> torch.Tensor:
-    norms = x.norm(dim=1, keepdim=True)
-    zero = norms.squeeze(1) == 0
-    if zero.any():
-        raise ValueError(f"{name} row {int(zero.nonzero()[0, 0])} is all zeros and cannot be L2-normalised.")
-    return x / norms
+    return as_float_matrix(x, name, dim=dim, allow_vector=True)
 
 
 def _like_input(result: torch.Tensor, original: ArrayLike) -> ArrayLike:
@@ -158,8 +123,8 @@ def modality_gap(image_embeds: ArrayLike, text_embeds: ArrayLike) -> ModalityGap
         >>> round(gap.norm, 4), round(gap.explained_variance, 4)
         (1.4142, 1.0)
     """
-    images = _normalize(_as_matrix(image_embeds, "image_embeds").double(), "image_embeds")
-    texts = _normalize(_as_matrix(text_embeds, "text_embeds", dim=images.shape[1]).double(), "text_embeds")
+    images = l2_normalise(_as_matrix(image_embeds, "image_embeds").double(), "image_embeds")
+    texts = l2_normalise(_as_matrix(text_embeds, "text_embeds", dim=images.shape[1]).double(), "text_embeds")
     if images.shape[0] != texts.shape[0]:
         logger.info("modality_gap on %d images and %d texts (not paired one-to-one)", images.shape[0], texts.shape[0])
     vector = images.mean(0) - texts.mean(0)
@@ -239,7 +204,7 @@ class ImageSpaceProjector:
             raise ValueError(f"alpha must be >= 0, got {alpha}.")
         x = _as_matrix(X, "X").double()
         if self.normalize_inputs:
-            x = _normalize(x, "X")
+            x = l2_normalise(x, "X")
         y = _as_matrix(Y, "Y").double()
         if y.shape[0] != x.shape[0]:
             raise ValueError(f"X has {x.shape[0]} rows but Y has {y.shape[0]}: they must describe the same images.")
@@ -274,7 +239,7 @@ class ImageSpaceProjector:
 
     def _transform_tensor(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize_inputs:
-            x = _normalize(x, "X")
+            x = l2_normalise(x, "X")
         weight = self.weight.to(device=x.device, dtype=x.dtype)
         return x @ weight.T + self.bias.to(device=x.device, dtype=x.dtype)
 
@@ -539,7 +504,7 @@ def filter_descriptions(
     for row, description in enumerate(descriptions):
         if description.label not in index:
             raise ValueError(f"Description {row} ({description.text!r}) has label {description.label!r}, not one of {names}.")
-    sims = _normalize(texts.double(), "text_embeds") @ _normalize(classes.double(), "class_text_embeds").T
+    sims = l2_normalise(texts.double(), "text_embeds") @ l2_normalise(classes.double(), "class_text_embeds").T
     labels = torch.tensor([index[d.label] for d in descriptions])
     own = sims[torch.arange(len(descriptions)), labels]
     others = sims.clone()
@@ -659,7 +624,7 @@ class TextTrainedHead(torch.nn.Module):
             raise ValueError(f"space must be 'joint' or 'target', got {space!r}.")
         x = _as_matrix(embeds, "embeds", dim=self.in_dim).float().to(device)
         if self.normalize_inputs:
-            x = _normalize(x, "embeds")
+            x = l2_normalise(x, "embeds")
         if self.projector is not None:
             return self.projector._transform_tensor(x)
         if self.gap_vector is not None:
@@ -809,9 +774,9 @@ def zero_shot_classify(image_embeds: ArrayLike, class_prompt_embeds: ArrayLike, 
         prompts = torch.from_numpy(prompts)
     prompts = torch.as_tensor(prompts)
     if prompts.ndim == 3:
-        prompts = torch.stack([_normalize(_as_matrix(p, f"class_prompt_embeds[{i}]"), "class_prompt_embeds").mean(0) for i, p in enumerate(prompts)])
-    prompts = _normalize(_as_matrix(prompts, "class_prompt_embeds").double(), "class_prompt_embeds")
-    images = _normalize(_as_matrix(image_embeds, "image_embeds", dim=prompts.shape[1]).double(), "image_embeds")
+        prompts = torch.stack([l2_normalise(_as_matrix(p, f"class_prompt_embeds[{i}]"), "class_prompt_embeds").mean(0) for i, p in enumerate(prompts)])
+    prompts = l2_normalise(_as_matrix(prompts, "class_prompt_embeds").double(), "class_prompt_embeds")
+    images = l2_normalise(_as_matrix(image_embeds, "image_embeds", dim=prompts.shape[1]).double(), "image_embeds")
     scores = images @ prompts.T
     preds = scores.argmax(1).numpy()
     return (preds, scores.float().numpy()) if return_scores else preds
