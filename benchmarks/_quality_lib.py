@@ -469,6 +469,7 @@ class TrainSettings:
     batch_groups: torch.Tensor | None = None  # crowded regimes: per-row group ids the batches are drawn along
     batch_mix: float = 0.0  # share of each batch drawn from the group-sorted stream (0 = plain shuffled batches)
 
+
 def batch_order(n_rows: int, steps: int, batch_size: int, seed: int, groups: torch.Tensor | None = None,
                 mix: float = 0.0) -> torch.Tensor:
     """Row indices of every step: shuffled epochs, incomplete last batches dropped; same for every strategy.
