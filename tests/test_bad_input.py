@@ -158,12 +158,12 @@ def test_training_converts_every_odd_image_mode(tiny, tmp_path):
 def test_training_on_a_corrupt_image_names_row_and_column(tiny, tmp_path):
     model, processor = tiny
     pairs = _pairs(tmp_path, "corrupt_png")
-    trainer = ClipNegTrainer(model=model, args=_args(tmp_path, negative_strategy="vanilla",
-                                                     per_device_train_batch_size=GOOD_ROWS),
-                             train_dataset=pairs, processing_class=processor)
-    with pytest.raises(BadImageError) as err:
-        trainer.train()
-    _says_row_and_column(str(err.value))
+    for cached in (True, False):  # cached tower features: at construction, before any step; else in the step
+        with pytest.raises(BadImageError) as err:
+            ClipNegTrainer(model=model, args=_args(tmp_path, negative_strategy="vanilla", cached_tower_features=cached,
+                                                   per_device_train_batch_size=GOOD_ROWS),
+                           train_dataset=pairs, processing_class=processor).train()
+        _says_row_and_column(str(err.value))
 
 
 def test_training_after_skip_mining_excludes_the_skipped_rows(tiny, tmp_path, caplog):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hf_clipneg import towers
+from hf_clipneg.modeling import ClipNegDualEncoderModel
 from hf_clipneg.towers import (
     build_dual_encoder,
     convert_efficientnet_lite0,
@@ -231,7 +232,8 @@ def test_packaged_dual_encoder_round_trip(lite0_dir, photos, tmp_path):
 
     model.save_pretrained(tmp_path / "dual")
     processor.save_pretrained(tmp_path / "dual")
-    reloaded = VisionTextDualEncoderModel.from_pretrained(tmp_path / "dual").eval()
+    reloaded = ClipNegDualEncoderModel.from_pretrained(tmp_path / "dual").eval()
+    assert reloaded.config.text_pooling == "mean" and reloaded.config.text_max_length == 64
     reprocessor = VisionTextDualEncoderProcessor.from_pretrained(tmp_path / "dual")
     assert type(reloaded.vision_model).__name__ == "EfficientNetModel"
     rebatch = reprocessor(text=texts, images=photos, return_tensors="pt", padding=True, truncation=True)
@@ -245,6 +247,15 @@ def test_packaged_dual_encoder_round_trip(lite0_dir, photos, tmp_path):
         ).pooler_output
     torch.testing.assert_close(image_again, image_emb, rtol=0, atol=1e-6)
     torch.testing.assert_close(text_again, text_emb, rtol=0, atol=1e-6)
+    # Plain transformers loads the same weights: identical normalised image embeddings; its text embedding
+    # projects BERT's CLS pooler instead of the mean pooling the model was trained with (README).
+    plain = VisionTextDualEncoderModel.from_pretrained(tmp_path / "dual").eval()
+    with torch.no_grad():
+        plain_image = plain.get_image_features(pixel_values=rebatch["pixel_values"]).pooler_output
+        plain_text = plain.get_text_features(input_ids=rebatch["input_ids"], attention_mask=rebatch["attention_mask"]).pooler_output
+    normalise = torch.nn.functional.normalize
+    torch.testing.assert_close(normalise(plain_image, dim=-1), normalise(image_emb, dim=-1), rtol=0, atol=1e-5)
+    assert (normalise(plain_text, dim=-1) * normalise(text_emb, dim=-1)).sum(-1).max() < 0.99
 
 
 @pytest.fixture

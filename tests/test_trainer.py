@@ -67,8 +67,8 @@ def _aligned_model(dataset: Dataset, permutation: list[int] | None = None) -> tu
     with torch.no_grad():
         pixels = processor.image_processor(images=list(dataset["image"]), return_tensors="pt")["pixel_values"]
         tokens = processor.tokenizer(captions, padding=True, return_tensors="pt")
-        image_hidden = model.vision_model(pixel_values=pixels).pooler_output
-        text_hidden = model.text_model(**tokens).pooler_output
+        image_hidden = model.image_tower_features(pixels)
+        text_hidden = model.text_tower_features(**tokens)
         targets = torch.eye(n, 16)
         model.visual_projection.weight.copy_((torch.linalg.pinv(image_hidden) @ targets).T)
         model.text_projection.weight.copy_((torch.linalg.pinv(text_hidden) @ targets).T)
@@ -127,15 +127,17 @@ def test_every_strategy_trains_and_changes_the_projections(tmp_path, mined, stra
 def test_mined_texts_join_the_batch_only_for_cluster_strategies(tmp_path, mined):
     model, processor = build_tiny_dual_encoder()
     for strategy, expect_mined in [("cluster_weighted", True), ("vanilla", False), ("random", False)]:
-        trainer = ClipNegTrainer(
-            model=model, args=_args(tmp_path, negative_strategy=strategy, mined_negatives_per_row=None),
-            train_dataset=mined, processing_class=processor,
-        )
-        batch = trainer.data_collator([mined[i] for i in range(4)])
-        assert ("num_mined" in batch) is expect_mined
-        if expect_mined:
-            assert batch["input_ids"].shape[0] == 4 + 4 * int(batch["num_mined"])
-            assert batch["negative_weights"].shape == (4, int(batch["num_mined"]))
+        for cached, text_key in ((False, "input_ids"), (True, "text_tower_features")):
+            trainer = ClipNegTrainer(
+                model=model,
+                args=_args(tmp_path, negative_strategy=strategy, mined_negatives_per_row=None, cached_tower_features=cached),
+                train_dataset=mined, processing_class=processor,
+            )
+            batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+            assert ("num_mined" in batch) is expect_mined
+            if expect_mined:
+                assert batch[text_key].shape[0] == 4 + 4 * int(batch["num_mined"])
+                assert batch["negative_weights"].shape == (4, int(batch["num_mined"]))
 
 
 def test_non_vanilla_strategy_needs_a_mined_dataset(tmp_path):

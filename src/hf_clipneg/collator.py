@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -51,6 +52,15 @@ def captions_by_row_id(dataset: Any, caption_column: str = "caption") -> dict[in
     return dict(zip(columns["row_id"].to_pylist(), columns[caption_column].to_pylist()))
 
 
+def text_features_by_row_id(dataset: Any) -> tuple[dict[int, int], np.ndarray]:
+    """`(row_id -> position, (N, D) float32 text features)` of a mined dataset with feature columns: where the
+    cached-feature collator finds the text of a mined negative (`negative_indices` hold `row_id`s)."""
+    columns = dataset.select_columns(["row_id", "text_features"]).with_format("numpy")[:]
+    features = np.asarray(np.stack(columns["text_features"]) if columns["text_features"].dtype == object
+                          else columns["text_features"], dtype=np.float32)
+    return {int(r): i for i, r in enumerate(columns["row_id"])}, features
+
+
 def _pad_ragged(rows: Sequence[Sequence[int]], pad_value: int = -1) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), max(width, 1)), pad_value, dtype=torch.long)
@@ -69,6 +79,11 @@ class ClipNegCollator:
     weights `negative_weights` (B, m); and every mining column present in the rows (`row_id`,
     `image_cluster`, `similar_image_clusters` padded with -1, `image_features`, ...).
 
+    With `cached_features=True` (the trainer's cached-tower path) the model inputs are the rows' tower
+    features instead: `image_tower_features` (B, D_vision) from `image_features` and `text_tower_features`
+    (B + B*m, D_text) from `text_features` (mined texts looked up in `mined_text_features`); nothing is
+    decoded or tokenised.
+
     Args:
         processor: a `VisionTextDualEncoderProcessor` (image processor + tokenizer).
         captions: `row_id -> caption` for the training dataset; needed only when mined negatives are used
@@ -76,6 +91,9 @@ class ClipNegCollator:
         mined_negatives_per_row: how many mined texts per image to use (None = all, 0 = none).
         ttd_max_tags: with > 0, also tokenise up to that many tags per caption for the TTD term
             (`tag_input_ids`, `tag_attention_mask`, `tag_mask`); a `tags` list column overrides extraction.
+        cached_features: feed the rows' `image_features` / `text_features` as the model's tower features.
+        mined_text_features: with `cached_features` and mined negatives, `(row_id -> position, (N, D_text)
+            features)` of the training rows (`text_features_by_row_id(dataset)`).
 
     Example:
         >>> from PIL import Image
@@ -97,6 +115,8 @@ class ClipNegCollator:
     seed: int = 0
     ttd_max_tags: int = 0
     tags_column: str = "tags"
+    cached_features: bool = False
+    mined_text_features: tuple[Mapping[int, int], np.ndarray] | None = None
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +125,8 @@ class ClipNegCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("Cannot collate an empty batch.")
+        if self.cached_features:
+            return self._collate_features(rows)
         for column in (self.image_column, self.caption_column):
             if column not in rows[0]:
                 raise KeyError(
@@ -144,10 +166,32 @@ class ClipNegCollator:
         batch.update(self._metadata(rows))
         return batch
 
+    def _collate_features(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        for column in FEATURE_META_COLUMNS:
+            if column not in rows[0]:
+                raise KeyError(f"Cached-feature batches need the {column!r} column (from compute_features).")
+        batch = self._metadata(rows)
+        texts = batch["text_features"]
+        mined = self._mined_negatives(rows)
+        if mined is not None:
+            if self.mined_text_features is None:
+                raise ValueError("Mined negatives with cached features need `mined_text_features`.")
+            indices, weights = mined
+            position_of, features = self.mined_text_features
+            positions = torch.tensor([position_of.get(j, -1) if j >= 0 else -1 for j in indices.flatten().tolist()])
+            found = (positions >= 0).reshape(indices.shape)
+            mined_texts = torch.from_numpy(features[positions.clamp(min=0).numpy()]).float()
+            texts = torch.cat([texts, mined_texts])
+            batch["negative_weights"] = torch.where(found, weights, torch.zeros_like(weights))
+            batch["num_mined"] = torch.tensor(indices.shape[1])
+        batch["image_tower_features"] = batch["image_features"]
+        batch["text_tower_features"] = texts
+        return batch
+
     def _mined_negatives(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.mined_negatives_per_row == 0 or "negative_indices" not in rows[0]:
             return None
-        if self.captions is None:
+        if self.captions is None and not self.cached_features:
             raise ValueError(
                 "The rows carry mined `negative_indices` but the collator has no `captions` to look them up: "
                 "pass `captions=captions_by_row_id(train_dataset)`, or set mined_negatives_per_row=0."
@@ -174,5 +218,5 @@ class ClipNegCollator:
                 meta[column] = _pad_ragged([row[column] for row in rows])
         for column in FEATURE_META_COLUMNS:
             if column in present:
-                meta[column] = torch.tensor([list(row[column]) for row in rows], dtype=torch.float32)
+                meta[column] = torch.from_numpy(np.stack([np.asarray(row[column], dtype=np.float32) for row in rows]))
         return meta

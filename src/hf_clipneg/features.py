@@ -1,8 +1,8 @@
 """Embed every (image, caption) row of a dataset with the frozen towers of a dual encoder.
 
-The features are the towers' own pooled outputs (vision ``pooler_output``; text = masked mean of
-``last_hidden_state``, the sentence-transformers convention), L2-normalised, not the freshly
-initialised projections, so that clusters reflect what the pretrained towers already know.
+The features are the L2-normalised tower features of `ClipNegDualEncoderModel` (vision ``pooler_output``;
+text pooled as the model's config says), not the projections: clusters reflect what the pretrained towers
+already know, and the trainer's cached-tower path feeds the same vectors to the projections.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -22,14 +24,14 @@ from datasets import Image as ImageFeature
 from datasets.fingerprint import Hasher
 
 from .data import blank_captions
+from .encoding import as_clipneg_model, autocast_dtype, encode_images, encode_texts, text_max_length
 from .images import BadImageError, to_rgb
-from .towers import mean_pool
 
 logger = logging.getLogger(__name__)
 
 IMAGE_FEATURES = "image_features"
 TEXT_FEATURES = "text_features"
-_FEATURES_VERSION = "1"  # bump when the embedding procedure changes, to invalidate cached results
+_FEATURES_VERSION = "2"  # bump when the embedding procedure changes, to invalidate cached results
 
 
 def has_feature_columns(dataset: Dataset) -> bool:
@@ -96,55 +98,154 @@ def check_captions(dataset: Dataset, caption_column: str) -> None:
         )
 
 
-class _Embedder:
-    """The batched map function: decode, preprocess and run both towers (kept picklable for num_proc)."""
+FEATURES_PREFIX = "hf_clipneg.features="  # the provenance line compute_features writes into info.description
 
-    def __init__(self, model, processor, image_column, caption_column, device, max_length, on_bad_image):
+
+def feature_provenance(model: Any, processor: Any) -> dict[str, Any]:
+    """What identifies tower features: the towers' weights, the processor, the text pooling and length
+    policy and the inference precision. Two feature columns with equal provenance hold the same vectors.
+
+    Example:
+        >>> from hf_clipneg.testing import build_tiny_dual_encoder
+        >>> sorted(feature_provenance(*build_tiny_dual_encoder()))
+        ['precision', 'processor', 'text_max_length', 'text_pooling', 'towers', 'version']
+    """
+    model = as_clipneg_model(model)
+    dtype = autocast_dtype(next(model.parameters()).device)
+    return {
+        "version": _FEATURES_VERSION,
+        "towers": hashlib.sha256(
+            (model_digest(model.vision_model) + model_digest(model.text_model)).encode()
+        ).hexdigest(),
+        "processor": processor_digest(processor),
+        "text_pooling": model.text_pooling,
+        "text_max_length": text_max_length(model, getattr(processor, "tokenizer", None)),
+        "precision": str(dtype) if dtype is not None else "float32",
+    }
+
+
+def stored_provenance(dataset: Dataset) -> dict[str, Any] | None:
+    """The provenance `compute_features` stored with `dataset`'s feature columns, or None (user-made columns)."""
+    for line in (dataset.info.description or "").splitlines():
+        if line.startswith(FEATURES_PREFIX):
+            return json.loads(line[len(FEATURES_PREFIX) :])
+    return None
+
+
+def _with_provenance(dataset: Dataset, provenance: dict[str, Any]) -> Dataset:
+    kept = [line for line in (dataset.info.description or "").splitlines() if not line.startswith(FEATURES_PREFIX)]
+    dataset.info.description = "\n".join(kept + [FEATURES_PREFIX + json.dumps(provenance, sort_keys=True)])
+    return dataset
+
+
+def _file_key(path: str) -> str:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return f"path:{path}:missing"
+    return f"path:{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def image_keys(dataset: Dataset, image_column: str, chunk: int = 1024) -> list[str]:
+    """One identity per row's image, read without decoding: a SHA-1 of embedded bytes, or path + size +
+    modification time for an image referenced by path (so a file changed on disk gets a new key).
+
+    Rows with equal keys hold the same image: `compute_features` embeds it once, and the keys enter the
+    cache fingerprint, so rewriting an image file invalidates cached features.
+    """
+    keys: list[str] = []
+    arrow = dataset.with_format("arrow")
+    for start in range(0, len(dataset), chunk):
+        column = arrow[start : start + chunk][image_column]
+        for value in column.to_pylist():
+            if isinstance(value, dict):
+                if value.get("bytes"):
+                    keys.append("bytes:" + hashlib.sha1(value["bytes"]).hexdigest())
+                    continue
+                value = value.get("path")
+            if isinstance(value, str):
+                keys.append(_file_key(value))
+            elif isinstance(value, (bytes, bytearray)):
+                keys.append("bytes:" + hashlib.sha1(value).hexdigest())
+            else:  # arrays or other values: no identity, embed the row on its own
+                keys.append(f"row:{len(keys)}")
+    return keys
+
+
+class _Memo:
+    """Features of keys that occur again in later rows, dropped once their last row is served, so each
+    distinct image or caption is embedded once per process while memory holds only the repeated ones."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        self.remaining = Counter(keys)
+        self.stored: dict[str, np.ndarray] = {}
+
+    def features(
+        self, rows: list[int], width: int, embed: Callable[[dict[str, list[int]]], dict[str, np.ndarray]]
+    ) -> np.ndarray:
+        """(len(rows), width) features; `embed` gets {key: batch positions} of the keys not in memory."""
+        out = np.empty((len(rows), width), dtype=np.float32)
+        todo: dict[str, list[int]] = {}
+        for position, row in enumerate(rows):
+            key = self.keys[row]
+            if key in self.stored:
+                out[position] = self.stored[key]
+            else:
+                todo.setdefault(key, []).append(position)
+        fresh = embed(todo) if todo else {}
+        for key, positions in todo.items():
+            out[positions] = fresh[key]
+        for row in rows:
+            key = self.keys[row]
+            self.remaining[key] -= 1
+            if self.remaining[key] <= 0:
+                self.stored.pop(key, None)
+            elif key in fresh:
+                self.stored[key] = fresh[key]
+        return out
+
+
+class _Embedder:
+    """The batched map function: decode and embed each distinct image and caption once, through
+    `encoding.encode_images` / `encode_texts` (kept picklable for num_proc)."""
+
+    def __init__(self, model, processor, image_column, caption_column, on_bad_image, image_keys, text_keys):
         self.model = model
         self.processor = processor
         self.image_column = image_column
         self.caption_column = caption_column
-        self.device = device
-        self.max_length = max_length
         self.on_bad_image = on_bad_image
+        self.image_memo = _Memo(image_keys)
+        self.text_memo = _Memo(text_keys)
 
     def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, np.ndarray]:
-        images, bad = [], []
-        for position, (value, row) in enumerate(zip(batch[self.image_column], indices)):
-            try:
-                images.append(to_rgb(value, row=row, column=self.image_column))
-            except BadImageError as err:
-                if self.on_bad_image == "error":
-                    raise
-                logger.warning("Skipping row %d: %s", row, err)
-                bad.append(position)
-                images.append(None)
-        placeholder = next((im for im in images if im is not None), None)
-        if placeholder is None:
-            from PIL import Image
+        values = batch[self.image_column]
+        captions = batch[self.caption_column]
 
-            placeholder = Image.new("RGB", (32, 32))
-        images = [placeholder if im is None else im for im in images]
-        with torch.inference_mode():
-            pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            vision_out = self.model.vision_model(pixel_values=pixel_values.to(self.device))
-            image_features = vision_out.pooler_output.reshape(len(images), -1).float()
-            tokens = self.processor.tokenizer(
-                list(batch[self.caption_column]),
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-            text_inputs = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            text_out = self.model.text_model(**text_inputs)
-            text_features = mean_pool(text_out.last_hidden_state.float(), text_inputs["attention_mask"])
-            image_features = torch.nn.functional.normalize(image_features, dim=-1).cpu().numpy()
-            text_features = torch.nn.functional.normalize(text_features, dim=-1).cpu().numpy()
-        if bad:
-            image_features[bad] = np.nan
-            text_features[bad] = np.nan
-        return {IMAGE_FEATURES: image_features.astype(np.float32), TEXT_FEATURES: text_features.astype(np.float32)}
+        def embed_images(todo: dict[str, list[int]]) -> dict[str, np.ndarray]:
+            decoded, fresh = {}, {}
+            for key, positions in todo.items():
+                try:
+                    decoded[key] = to_rgb(values[positions[0]], row=indices[positions[0]], column=self.image_column)
+                except BadImageError as err:
+                    if self.on_bad_image == "error":
+                        raise
+                    logger.warning("Skipping row %d: %s", indices[positions[0]], err)
+                    fresh[key] = np.full(self.model.vision_embed_dim, np.nan, dtype=np.float32)
+            if decoded:
+                vectors = encode_images(self.model, self.processor.image_processor, list(decoded.values()))
+                fresh.update(zip(decoded, vectors.cpu().numpy()))
+            return fresh
+
+        def embed_texts(todo: dict[str, list[int]]) -> dict[str, np.ndarray]:
+            texts = [str(captions[positions[0]]) for positions in todo.values()]
+            return dict(zip(todo, encode_texts(self.model, self.processor.tokenizer, texts).cpu().numpy()))
+
+        return {
+            IMAGE_FEATURES: self.image_memo.features(indices, self.model.vision_embed_dim, embed_images),
+            TEXT_FEATURES: self.text_memo.features(indices, self.model.text_embed_dim, embed_texts),
+        }
 
 
 def compute_features(
@@ -157,32 +258,42 @@ def compute_features(
     batch_size: int = 64,
     num_proc: int | None = None,
     device: str | torch.device | None = None,
-    max_length: int = 64,
     on_bad_image: Literal["error", "skip"] = "error",
+    known: Dataset | None = None,
 ) -> Dataset:
-    """Add L2-normalised float32 `image_features` and `text_features` columns computed by the frozen towers.
+    """Add L2-normalised float32 `image_features` (N, D_vision) and `text_features` (N, D_text) columns: the
+    tower features of `ClipNegDualEncoderModel` (vision ``pooler_output``; text pooled as
+    `config.text_pooling` says, cut at `config.text_max_length` tokens), not the projections.
 
-    Image features are the vision tower's ``pooler_output``; text features the attention-masked mean of
-    the text tower's ``last_hidden_state`` (the projections of the dual encoder are not used: they are
-    random before training). A dataset that already has both columns is returned unchanged.
+    These are exactly the inputs of the model's projections, so the trainer's cached-tower path trains on
+    them directly. Each distinct image (same bytes, or same file with the same size and modification time)
+    and each distinct caption is embedded once. Inference runs in bfloat16 only where the hardware supports
+    it natively (`encoding.autocast_dtype`).
 
-    Caching: the map is fingerprinted from the input dataset's fingerprint, a digest of the model
-    weights, the processor configuration and the arguments, so a second identical call on a dataset
-    backed by cache files (loaded from disk, parquet, the Hub...) loads the result instead of
-    re-embedding. In-memory datasets (e.g. `Dataset.from_dict`) have no cache directory, so `datasets`
-    caches nothing for them: save and reload them first if you need caching.
+    Reuse: a dataset whose feature columns were made by the same towers, processor and policies (the
+    provenance stored in `info.description`) is returned unchanged, as is one with feature columns of its
+    own (no provenance); columns made by other towers are recomputed. Caching: the map's fingerprint covers
+    the dataset's fingerprint, the identity of every image (bytes digest, or path + size + mtime) and the
+    provenance, so a file changed on disk or new weights give new features; datasets backed by cache files
+    (parquet, `load_from_disk`, the Hub...) load a finished result instead of re-embedding (in-memory
+    datasets cache nothing: save and reload them if you need that).
 
     Args:
         dataset: rows with an image column (PIL images, paths, bytes, ...) and a caption column.
-        model: a `VisionTextDualEncoderModel`; None builds the packaged towers
-            (`hf_clipneg.towers.build_dual_encoder()`: EfficientNet-Lite0 + all-MiniLM-L6-v2).
+        model: a `VisionTextDualEncoderModel`; None builds the packaged towers (`build_dual_encoder()`).
         processor: its `VisionTextDualEncoderProcessor` (required when `model` is given).
-        batch_size: rows per forward pass.
+        batch_size: rows per map batch (repeated images within and across batches are embedded once).
         num_proc: processes for `Dataset.map` (CPU only; each process holds a copy of the model).
         device: defaults to CUDA when available.
-        max_length: token truncation length for captions.
         on_bad_image: "error" raises on the first unreadable image, naming the row; "skip" gives such
             rows NaN features and logs them (the mining step excludes and counts them).
+        known: a dataset that `compute_features` already embedded with the same towers and settings (e.g. the
+            plain training split when `dataset` adds rows with more captions of the same images): its images
+            and captions are not embedded again.
+
+    Raises:
+        KeyError: a column is missing. ValueError: empty dataset, blank captions, half the feature columns.
+        BadImageError: an unreadable image with `on_bad_image="error"`.
 
     Example:
         >>> from datasets import Dataset
@@ -196,15 +307,18 @@ def compute_features(
     """
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
-    if has_feature_columns(dataset):
-        logger.info("Dataset already has %r and %r: using them.", IMAGE_FEATURES, TEXT_FEATURES)
-        return dataset
     present = [c for c in (IMAGE_FEATURES, TEXT_FEATURES) if c in dataset.column_names]
-    if present:
+    if len(present) == 1:
         raise ValueError(
             f"The dataset has {present} but not both feature columns: remove it (`ds.remove_columns({present})`) "
             "to recompute both, or add the other one."
         )
+    if model is not None and processor is None:
+        raise ValueError("Pass the model's `processor` (a VisionTextDualEncoderProcessor) along with `model`.")
+    stored = stored_provenance(dataset) if present else None
+    if present and stored is None:
+        logger.info("Dataset already has %r and %r of its own: using them.", IMAGE_FEATURES, TEXT_FEATURES)
+        return dataset
     if image_column not in dataset.column_names:
         raise KeyError(f"Image column {image_column!r} not found (columns: {dataset.column_names}); pass image_column=.")
     check_captions(dataset, caption_column)
@@ -214,26 +328,33 @@ def compute_features(
         from .towers import build_dual_encoder
 
         model, processor = build_dual_encoder()
-    elif processor is None:
-        raise ValueError("Pass the model's `processor` (a VisionTextDualEncoderProcessor) along with `model`.")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.eval().to(device)
+    model = as_clipneg_model(model).eval().to(device)
+    provenance = feature_provenance(model, processor)
+    if present:
+        if stored == provenance:
+            logger.info("Dataset already has %r and %r from these towers: using them.", IMAGE_FEATURES, TEXT_FEATURES)
+            return dataset
+        logger.warning("The dataset's feature columns were made by other towers or settings: recomputing them.")
+        dataset = dataset.remove_columns(present)
 
+    images = image_keys(dataset, image_column)
+    captions = [str(c) for c in dataset.with_format("arrow")[caption_column].to_pylist()]
     fingerprint = Hasher.hash(
         [
             "hf_clipneg.compute_features",
-            _FEATURES_VERSION,
             dataset._fingerprint,
-            model_digest(model),
-            processor_digest(processor),
+            hashlib.sha256("\n".join(images).encode()).hexdigest(),
+            provenance,
             image_column,
             caption_column,
-            int(max_length),
             on_bad_image,
         ]
     )
-    embedder = _Embedder(model, processor, image_column, caption_column, torch.device(device), max_length, on_bad_image)
+    embedder = _Embedder(model, processor, image_column, caption_column, on_bad_image, images, captions)
+    if known is not None:
+        _seed_from(embedder, known, provenance, image_column, caption_column)
     # Decode images ourselves (to_rgb), so a broken file becomes a BadImageError naming the row, or a
     # skipped row, instead of an error inside datasets' formatter.
     image_feature = dataset.features.get(image_column)
@@ -246,12 +367,28 @@ def compute_features(
         with_indices=True,
         num_proc=num_proc,
         new_fingerprint=fingerprint,
-        desc="Embedding images and captions",
+        desc=f"Embedding {len(set(images))} distinct images and {len(set(captions))} distinct captions",
     )
     if undecoded:
         out = out.cast_column(image_column, image_feature)
     _report_nan_rows(out)
-    return out
+    return _with_provenance(out, provenance)
+
+
+def _seed_from(embedder: _Embedder, known: Dataset, provenance: dict, image_column: str, caption_column: str) -> None:
+    if stored_provenance(known) != provenance:
+        raise ValueError(
+            "`known` must be a dataset returned by compute_features with the same model and processor "
+            "(its stored provenance differs): embed it again with this model, or leave `known` out."
+        )
+    vectors = known.select_columns([IMAGE_FEATURES, TEXT_FEATURES]).with_format("numpy")[:]
+    for memo, keys, column in (
+        (embedder.image_memo, image_keys(known, image_column), IMAGE_FEATURES),
+        (embedder.text_memo, [str(c) for c in known.with_format("arrow")[caption_column].to_pylist()], TEXT_FEATURES),
+    ):
+        for key, vector in zip(keys, vectors[column]):
+            if memo.remaining.get(key, 0) > 0 and not np.isnan(vector).any():
+                memo.stored[key] = vector
 
 
 def _report_nan_rows(dataset: Dataset) -> None:

@@ -31,7 +31,9 @@ from transformers import (
 )
 
 from hf_clipneg._faiss import faiss_gpu_count, import_faiss
+from hf_clipneg.encoding import as_clipneg_model, encode_images, encode_texts
 from hf_clipneg.images import to_rgb, without_image_decoding
+from hf_clipneg.modeling import ClipNegDualEncoderModel
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ class ClipNegRetriever:
             else:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = as_clipneg_model(model).to(self.device).eval()
         self.processor = processor
         self._collections: dict[str, _Collection | None] = {"images": None, "texts": None}
 
@@ -171,7 +173,7 @@ class ClipNegRetriever:
                 "hf_clipneg, or one built with VisionTextDualEncoderModel.from_vision_text_pretrained(vision, text)."
             )
         try:
-            model = VisionTextDualEncoderModel.from_pretrained(source, **hub_kwargs)
+            model = ClipNegDualEncoderModel.from_pretrained(source, **hub_kwargs)
             processor = VisionTextDualEncoderProcessor.from_pretrained(source, **hub_kwargs)
         except OSError as err:
             raise OSError(
@@ -219,21 +221,18 @@ class ClipNegRetriever:
         batches = _image_batches(images, batch_size, image_column)
         total = _count(images)
         out = []
-        with torch.inference_mode(), tqdm(total=total, desc="Embedding images", unit="img", disable=not show_progress) as bar:
+        with tqdm(total=total, desc="Embedding images", unit="img", disable=not show_progress) as bar:
             for start, values in batches:
                 rgb = [to_rgb(value, row=start + i, column=image_column) for i, value in enumerate(values)]
-                pixel_values = self.processor.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
-                pixel_values = pixel_values.to(self.device, dtype=self.model.dtype)
-                features = self.model.get_image_features(pixel_values=pixel_values).pooler_output
-                out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
+                out.append(encode_images(self.model, self.processor.image_processor, rgb, project=True).cpu().numpy())
                 bar.update(len(values))
         if not out:
             raise ValueError("No images to embed: the input is empty.")
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def embed_texts(self, texts: str | Sequence[str], batch_size: int = 64, show_progress: bool = True) -> np.ndarray:
-        """Return the ``(N, embedding_dim)`` float32 L2-normalised text embeddings (texts longer than the text
-        model's maximum length are truncated).
+        """Return the ``(N, embedding_dim)`` float32 L2-normalised text embeddings (texts are cut at the model's
+        `text_max_length`, as in training: `hf_clipneg.encoding.text_max_length`).
 
         Example:
             >>> from hf_clipneg.testing import build_tiny_dual_encoder
@@ -243,23 +242,11 @@ class ClipNegRetriever:
         """
         _check_batch_size(batch_size)
         texts = _check_texts(texts)
-        tokenizer = self.processor.tokenizer
-        max_length = min(
-            int(getattr(tokenizer, "model_max_length", 512) or 512),
-            int(getattr(self.model.config.text_config, "max_position_embeddings", 512) or 512),
-        )
         out = []
-        with torch.inference_mode(), tqdm(total=len(texts), desc="Embedding texts", unit="text", disable=not show_progress) as bar:
+        with tqdm(total=len(texts), desc="Embedding texts", unit="text", disable=not show_progress) as bar:
             for start in range(0, len(texts), batch_size):
                 batch = texts[start : start + batch_size]
-                encoded = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-                inputs = {
-                    key: encoded[key].to(self.device)
-                    for key in ("input_ids", "attention_mask", "token_type_ids")
-                    if key in encoded
-                }
-                features = self.model.get_text_features(**inputs).pooler_output
-                out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
+                out.append(encode_texts(self.model, self.processor.tokenizer, batch, project=True).cpu().numpy())
                 bar.update(len(batch))
         return np.concatenate(out).astype(np.float32, copy=False)
 

@@ -11,9 +11,10 @@ from transformers import (
     ViTImageProcessorPil,
     ViTModel,
     VisionTextDualEncoderConfig,
-    VisionTextDualEncoderModel,
     VisionTextDualEncoderProcessor,
 )
+
+from .modeling import ClipNegDualEncoderModel
 
 _SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _WORDS = (
@@ -38,8 +39,9 @@ def build_tiny_tokenizer(extra_words: list[str] | None = None) -> BertTokenizerF
 
 def build_tiny_dual_encoder(
     projection_dim: int = 16, image_size: int = 32, hidden_size: int = 32, seed: int = 0
-) -> tuple[VisionTextDualEncoderModel, VisionTextDualEncoderProcessor]:
-    """Build a randomly initialised ViT + BERT dual encoder small enough for unit tests.
+) -> tuple[ClipNegDualEncoderModel, VisionTextDualEncoderProcessor]:
+    """Build a randomly initialised ViT + BERT dual encoder small enough for unit tests (mean text pooling,
+    captions cut at 64 tokens).
 
     Example:
         >>> model, processor = build_tiny_dual_encoder()
@@ -68,7 +70,9 @@ def build_tiny_dual_encoder(
     config = VisionTextDualEncoderConfig.from_vision_text_configs(
         vision_config, text_config, projection_dim=projection_dim
     )
-    model = VisionTextDualEncoderModel(
+    config.text_pooling = "mean"
+    config.text_max_length = 64
+    model = ClipNegDualEncoderModel(
         config=config, vision_model=ViTModel(vision_config, add_pooling_layer=True), text_model=BertModel(text_config)
     )
     image_processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size})

@@ -46,9 +46,11 @@ from transformers import (
     EfficientNetImageProcessorPil,
     PreTrainedConfig,
     PreTrainedModel,
-    VisionTextDualEncoderModel,
     VisionTextDualEncoderProcessor,
 )
+
+from .encoding import DEFAULT_TEXT_MAX_LENGTH, default_text_pooling
+from .modeling import TEXT_POOLINGS, ClipNegDualEncoderModel, mean_pool
 
 logger = logging.getLogger(__name__)
 
@@ -364,8 +366,11 @@ def build_dual_encoder(
     logit_scale_init_value: float = 2.6592,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
-) -> tuple[VisionTextDualEncoderModel, VisionTextDualEncoderProcessor]:
-    """Pair a pretrained vision tower and text tower into a `VisionTextDualEncoderModel` and its processor.
+    text_pooling: str = "auto",
+    text_max_length: int = DEFAULT_TEXT_MAX_LENGTH,
+) -> tuple[ClipNegDualEncoderModel, VisionTextDualEncoderProcessor]:
+    """Pair a pretrained vision tower and text tower into a `ClipNegDualEncoderModel` (a
+    `VisionTextDualEncoderModel`) and its processor.
 
     Any local directory or Hub id works for either tower (ViT, CLIP, SigLIP vision halves, EfficientNet; BERT,
     RoBERTa, ...) as long as it ships its image processor / tokenizer. The projections and logit scale are new.
@@ -378,6 +383,9 @@ def build_dual_encoder(
         logit_scale_init_value: initial log temperature (2.6592 = log(1 / 0.07), as CLIP).
         trust_remote_code: passed to transformers; only set it for repositories you trust.
         device: where to put the model.
+        text_pooling: `"mean"`, `"pooler"` or `"auto"` (`encoding.default_text_pooling`: mean for the packaged
+            all-MiniLM-L6-v2, which was trained with it); stored as `config.text_pooling`.
+        text_max_length: tokens captions are cut to, stored as `config.text_max_length` and used everywhere.
 
     Example:
         >>> model, processor = build_dual_encoder(projection_dim=32, device="cpu")
@@ -398,12 +406,18 @@ def build_dual_encoder(
     vision_model.config.hidden_size = _pooled_width(vision_model.config, "vision", vision_id)
     text_model.config.hidden_size = _pooled_width(text_model.config, "text", text_id)
 
-    model = VisionTextDualEncoderModel.from_vision_text_pretrained(
+    if text_pooling == "auto":
+        text_pooling = default_text_pooling(text_id, text_model.config.model_type)
+    if text_pooling not in TEXT_POOLINGS:
+        raise ValueError(f"text_pooling must be 'auto' or one of {TEXT_POOLINGS}, got {text_pooling!r}.")
+    model = ClipNegDualEncoderModel.from_vision_text_pretrained(
         vision_model=vision_model,
         text_model=text_model,
         projection_dim=projection_dim,
         logit_scale_init_value=logit_scale_init_value,
     )
+    model.config.text_pooling = text_pooling
+    model.config.text_max_length = int(text_max_length)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
@@ -424,39 +438,7 @@ def build_dual_encoder(
         ) from err
     processor = VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
     logger.info(
-        "Built dual encoder: vision %s (%d-d) + text %s (%d-d) -> %d-d on %s",
-        vision_id, model.vision_embed_dim, text_id, model.text_embed_dim, projection_dim, device,
+        "Built dual encoder: vision %s (%d-d) + text %s (%d-d, %s pooling) -> %d-d on %s",
+        vision_id, model.vision_embed_dim, text_id, model.text_embed_dim, text_pooling, projection_dim, device,
     )
     return model, processor
-
-
-def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average token states over the real (mask 1) tokens: the pooling all-MiniLM-L6-v2 was trained with.
-
-    Args:
-        last_hidden_state: (batch, tokens, hidden) floating-point states.
-        attention_mask: (batch, tokens) 0/1 mask; every row needs at least one real token.
-
-    Example:
-        >>> states = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
-        >>> mean_pool(states, torch.tensor([[1, 1, 0]]))
-        tensor([[2., 3.]])
-    """
-    if last_hidden_state.dim() != 3 or not last_hidden_state.is_floating_point():
-        raise ValueError(
-            f"last_hidden_state must be a float (batch, tokens, hidden) tensor, got {last_hidden_state.dtype} "
-            f"with shape {tuple(last_hidden_state.shape)}."
-        )
-    if tuple(attention_mask.shape) != tuple(last_hidden_state.shape[:2]):
-        raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} does not match the (batch, tokens) = "
-            f"{tuple(last_hidden_state.shape[:2])} of last_hidden_state."
-        )
-    mask = attention_mask.to(last_hidden_state.dtype).unsqueeze(-1)
-    counts = mask.sum(dim=1)
-    empty = (counts.squeeze(-1) == 0).nonzero().flatten()
-    if empty.numel():
-        raise ValueError(
-            f"Rows {empty.tolist()[:10]} have no unmasked token; mean pooling is undefined. Check for empty texts."
-        )
-    return (last_hidden_state * mask).sum(dim=1) / counts

@@ -9,22 +9,31 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 
 from .images import without_image_decoding
-from .collator import LIST_META_COLUMNS, META_COLUMNS, ClipNegCollator, captions_by_row_id
+from .collator import (
+    FEATURE_META_COLUMNS,
+    LIST_META_COLUMNS,
+    META_COLUMNS,
+    ClipNegCollator,
+    captions_by_row_id,
+    text_features_by_row_id,
+)
+from .encoding import DEFAULT_TEXT_MAX_LENGTH, as_clipneg_model, text_max_length
+from .features import compute_features, feature_provenance, has_feature_columns, stored_provenance
 from .losses import WeightedContrastiveLoss, gather_metadata
 from .losses.tag_distillation import TagSelfDistillationLoss, ttd_loss_term
 from .metrics import groups_from_captions, retrieval_metrics
 from .mining import CONFIG_PREFIX, MiningConfig, NegativeStrategy, pair_weights
+from .samplers import ClusterSpreadSampler, CrowdedBatchSampler
 from .training_args import ClipNegTrainingArguments, TowerTraining
 
 logger = logging.getLogger(__name__)
@@ -83,40 +92,18 @@ def set_tower_training(model: nn.Module, mode: TowerTraining | str, trainable_bl
     return frozen
 
 
-class ClusterSpreadSampler(Sampler[int]):
-    """Shuffle each epoch so that consecutive rows come from different image clusters as far as possible.
+class LogitScaleCap(TrainerCallback):
+    """Clamp the model's `logit_scale` parameter to log(max_logit_scale) after every optimiser step
+    (CLIP and open_clip cap the scale at 100)."""
 
-    Rows are ordered by their random rank inside their cluster, ties broken at random: the first row of
-    every cluster comes before the second row of any cluster, so a batch spans many clusters.
+    def __init__(self, max_logit_scale: float) -> None:
+        self.max_log_scale = math.log(max_logit_scale)
 
-    Example:
-        >>> sampler = ClusterSpreadSampler([0, 0, 0, 1, 1, 1], seed=0)
-        >>> order = list(sampler)
-        >>> sorted(order) == list(range(6)) and len({[0, 0, 0, 1, 1, 1][i] for i in order[:2]}) == 2
-        True
-    """
-
-    def __init__(self, clusters: Sequence[int], seed: int = 0) -> None:
-        self.clusters = np.asarray(clusters, dtype=np.int64)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.clusters)
-
-    def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        shuffled = rng.permutation(len(self.clusters))
-        by_cluster = shuffled[np.argsort(self.clusters[shuffled], kind="stable")]
-        sorted_clusters = self.clusters[by_cluster]
-        starts = np.r_[0, np.flatnonzero(np.diff(sorted_clusters)) + 1]
-        sizes = np.diff(np.r_[starts, len(sorted_clusters)])
-        rank_in_cluster = np.arange(len(sorted_clusters)) - np.repeat(starts, sizes)
-        order = np.lexsort((rng.random(len(by_cluster)), rank_in_cluster))
-        return iter(by_cluster[order].tolist())
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        scale = getattr(model, "logit_scale", None)
+        if isinstance(scale, torch.Tensor):
+            with torch.no_grad():
+                scale.clamp_(max=self.max_log_scale)
 
 
 class ClipNegTrainer(Trainer):
@@ -165,23 +152,43 @@ class ClipNegTrainer(Trainer):
         if processing_class is None:
             raise ValueError("Pass the VisionTextDualEncoderProcessor as `processing_class`.")
         self.mining_config = self._resolve_mining_config(mining_config, train_dataset, args)
+        model = as_clipneg_model(model)
+        if args.max_text_length is not None:
+            model.config.text_max_length = args.max_text_length
+        elif not getattr(model.config, "text_max_length", None):
+            model.config.text_max_length = DEFAULT_TEXT_MAX_LENGTH
         image_column = self.mining_config.image_column
         if train_dataset is not None:
             train_dataset = self._drop_skipped_rows(without_image_decoding(train_dataset, image_column))
-        if eval_dataset is not None and not isinstance(eval_dataset, dict):
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: without_image_decoding(part, image_column) for name, part in eval_dataset.items()}
+        elif eval_dataset is not None:
             eval_dataset = without_image_decoding(eval_dataset, image_column)
         strategy = self.mining_config.strategy
         mined_per_row = 0 if strategy not in _STRATEGIES_WITH_MINED_TEXTS else args.mined_negatives_per_row
-        if data_collator is None:
-            captions = None
-            if train_dataset is not None and mined_per_row != 0 and "negative_indices" in train_dataset.column_names:
-                captions = captions_by_row_id(train_dataset, self.mining_config.caption_column)
+        self.cached_tower_features = self._use_cached_features(args, data_collator, train_dataset, model, processing_class)
+        mined_texts = (
+            train_dataset is not None and mined_per_row != 0 and "negative_indices" in train_dataset.column_names
+        )
+        if self.cached_tower_features:
+            model.to(args.device)
+            with args.main_process_first(desc="embedding the training and evaluation rows"):
+                train_dataset, eval_dataset = (
+                    self._with_tower_features(part, model, processing_class, args) for part in (train_dataset, eval_dataset)
+                )
             data_collator = ClipNegCollator(
                 processing_class,
-                captions=captions,
+                mined_negatives_per_row=mined_per_row,
+                cached_features=True,
+                mined_text_features=text_features_by_row_id(train_dataset) if mined_texts else None,
+            )
+        elif data_collator is None:
+            data_collator = ClipNegCollator(
+                processing_class,
+                captions=captions_by_row_id(train_dataset, self.mining_config.caption_column) if mined_texts else None,
                 image_column=self.mining_config.image_column,
                 caption_column=self.mining_config.caption_column,
-                max_length=args.max_text_length,
+                max_length=text_max_length(model, processing_class.tokenizer),
                 mined_negatives_per_row=mined_per_row,
                 augment=args.image_augmentation,
                 seed=args.seed,
@@ -207,10 +214,54 @@ class ClipNegTrainer(Trainer):
         )
         self.ttd_loss = TagSelfDistillationLoss(temperature=args.ttd_temperature, margin=args.ttd_margin)
         self._frozen_modules = set_tower_training(self.model, args.tower_training, args.trainable_blocks)
+        self.add_callback(LogitScaleCap(args.max_logit_scale))
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         logger.info(
-            "Negative strategy %s, towers %s: %d trainable parameters.", strategy.value, args.tower_training.value, trainable
+            "Negative strategy %s, towers %s%s: %d trainable parameters.", strategy.value, args.tower_training.value,
+            " (training on cached tower features)" if self.cached_tower_features else "", trainable,
         )
+
+    def _use_cached_features(
+        self, args: ClipNegTrainingArguments, data_collator: Any, train_dataset: Any, model: Any, processor: Any
+    ) -> bool:
+        if args.cached_tower_features is False or args.tower_training is not TowerTraining.FROZEN:
+            return False
+        reasons = []
+        if data_collator is not None:
+            reasons.append("a custom data_collator was given")
+        if args.ttd_weight > 0:
+            reasons.append("the TTD term embeds tags with the text tower")
+        if args.image_augmentation:
+            reasons.append("image_augmentation changes the pixels every epoch")
+        if train_dataset is not None and has_feature_columns(train_dataset):
+            if stored_provenance(train_dataset) != feature_provenance(model, processor):
+                reasons.append(
+                    "the dataset's image_features/text_features were not made by this model's towers and settings "
+                    "(re-mine with this model to train on cached features)"
+                )
+        if reasons and args.cached_tower_features:
+            raise ValueError("cached_tower_features=True is not possible here: " + "; ".join(reasons) + ".")
+        if reasons:
+            logger.warning("Running the frozen towers on every step: %s.", "; ".join(reasons))
+        return not reasons
+
+    def _with_tower_features(self, dataset: Any, model: Any, processor: Any, args: ClipNegTrainingArguments) -> Any:
+        if dataset is None:
+            return None
+        if isinstance(dataset, dict):
+            return {name: self._with_tower_features(part, model, processor, args) for name, part in dataset.items()}
+        dataset = compute_features(
+            dataset,
+            model,
+            processor,
+            image_column=self.mining_config.image_column,
+            caption_column=self.mining_config.caption_column,
+            batch_size=args.per_device_eval_batch_size * 8,
+            device=args.device,
+        )
+        # Only features and mining columns reach the collator: no image is decoded again.
+        unused = [c for c in (self.mining_config.image_column,) if c in dataset.column_names]
+        return dataset.remove_columns(unused).with_format("numpy", columns=list(FEATURE_META_COLUMNS), output_all_columns=True)
 
     @staticmethod
     def _resolve_mining_config(
@@ -265,11 +316,21 @@ class ClipNegTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.cluster_spread_sampler:
-            if "image_cluster" not in dataset.column_names:
-                raise ValueError("cluster_spread_sampler needs the `image_cluster` column of a mined dataset.")
-            return ClusterSpreadSampler(dataset.with_format("numpy")["image_cluster"], seed=self.args.seed)
-        return super()._get_train_sampler(train_dataset)
+        if self.args.train_sampler == "random":
+            return super()._get_train_sampler(train_dataset)
+        column = self.args.sampler_group_column
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"train_sampler={self.args.train_sampler!r} reads groups from column {column!r}, which the training "
+                f"dataset lacks (columns: {dataset.column_names}): mine the dataset first (image_cluster) or set "
+                "sampler_group_column."
+            )
+        groups = dataset.select_columns([column]).with_format("numpy")[column]
+        if self.args.train_sampler == "cluster_spread":
+            return ClusterSpreadSampler(groups, seed=self.args.seed)
+        return CrowdedBatchSampler(
+            groups, self.args.per_device_train_batch_size, self.args.crowded_share, seed=self.args.seed
+        )
 
     def _global_metadata(self, meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not (self.args.gather_across_processes and self.accelerator.num_processes > 1) or not meta:

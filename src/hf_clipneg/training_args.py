@@ -54,13 +54,47 @@ class ClipNegTrainingArguments(TrainingArguments):
     trainable_blocks: int = field(
         default=1, metadata={"help": "With tower_training=partial: how many last blocks of each tower train."}
     )
+    cached_tower_features: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Embed every distinct image and caption once with the frozen towers and train the projections "
+            "and logit scale on those features (same losses and gradients as running the towers, far faster). "
+            "Default: on when tower_training='frozen'; refused with trainable towers."
+        },
+    )
+    train_sampler: str = field(
+        default="random",
+        metadata={
+            "help": "random: shuffled batches. cluster_spread: each batch spreads over many groups of "
+            "sampler_group_column. crowded: a crowded_share of each batch comes from a stream sorted by "
+            "sampler_group_column (batches crowded with similar items, as in a one-category shop).",
+            "choices": ["random", "cluster_spread", "crowded"],
+        },
+    )
+    sampler_group_column: str = field(
+        default="image_cluster",
+        metadata={"help": "Column of group ids the cluster_spread and crowded samplers read (a mined column by default)."},
+    )
+    crowded_share: float = field(
+        default=0.5, metadata={"help": "crowded sampler: share of each batch drawn from the group-sorted stream."}
+    )
     cluster_spread_sampler: bool = field(
-        default=False, metadata={"help": "Order each epoch so that a batch spreads over many image clusters."}
+        default=False, metadata={"help": "Same as train_sampler='cluster_spread' (kept for older scripts)."}
     )
     image_augmentation: bool = field(
         default=False, metadata={"help": "Light augmentation (random resized crop, horizontal flip) of train images."}
     )
-    max_text_length: int = field(default=64, metadata={"help": "Captions are truncated to this many tokens."})
+    max_text_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Captions are cut to this many tokens, in training, evaluation, mining and retrieval alike "
+            "(stored in the model config as text_max_length). Default: the model's (64 for towers built by hf_clipneg)."
+        },
+    )
+    max_logit_scale: float = field(
+        default=100.0,
+        metadata={"help": "Cap of the learned logit scale exp(t), applied after every optimiser step (CLIP: 100)."},
+    )
     retrieval_group_column: str | None = field(
         default=None,
         metadata={"help": "Evaluation counts a hit for any item of the same group (default: the same caption)."},
@@ -95,4 +129,20 @@ class ClipNegTrainingArguments(TrainingArguments):
             raise ValueError(f"mined_negatives_per_row must be >= 0, got {self.mined_negatives_per_row}.")
         if self.ttd_weight < 0:
             raise ValueError(f"ttd_weight must be >= 0, got {self.ttd_weight}.")
+        if self.cluster_spread_sampler:
+            self.train_sampler = "cluster_spread"
+        if self.train_sampler not in ("random", "cluster_spread", "crowded"):
+            raise ValueError(f"train_sampler must be random, cluster_spread or crowded, got {self.train_sampler!r}.")
+        if not 0.0 < self.crowded_share <= 1.0:
+            raise ValueError(f"crowded_share must be in (0, 1], got {self.crowded_share}.")
+        if self.max_logit_scale <= 1.0:
+            raise ValueError(f"max_logit_scale must be > 1, got {self.max_logit_scale}.")
+        if self.max_text_length is not None and self.max_text_length < 2:
+            raise ValueError(f"max_text_length must be >= 2, got {self.max_text_length}.")
+        if self.cached_tower_features and self.tower_training is not TowerTraining.FROZEN:
+            raise ValueError(
+                f"cached_tower_features=True needs frozen towers (tower_training='frozen'), got "
+                f"tower_training={self.tower_training.value!r}: trained tower weights change their outputs every "
+                "step. Leave cached_tower_features unset to run the towers."
+            )
         super().__post_init__()

@@ -1,0 +1,192 @@
+"""`ClipNegDualEncoderModel`: transformers' `VisionTextDualEncoderModel` with one definition of the tower
+features, used by training, evaluation, mining and retrieval alike.
+
+* Tower features are the L2-normalised pooled tower outputs: the vision tower's ``pooler_output`` and, for
+  text, what `config.text_pooling` says: ``"mean"`` (attention-masked mean of ``last_hidden_state``, how
+  sentence-transformers models such as all-MiniLM-L6-v2 were trained) or ``"pooler"`` (the tower's own
+  ``pooler_output``, right for towers trained with it, e.g. CLIP's text model). A config without the key
+  means ``"pooler"``: that is what a plain `VisionTextDualEncoderModel` computes.
+* Normalising before the bias-free projections changes no normalised embedding, logit, loss or gradient
+  (the projection is linear, so only the norm of its output changes), but it lets the trainer feed
+  features cached once (`image_tower_features=`, `text_tower_features=`) instead of running frozen towers
+  on every step, with the same result.
+
+The file imports only torch and transformers: the saved model stays a `VisionTextDualEncoderModel`
+checkpoint that plain transformers loads (see README "What a plain transformers user gets").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import VisionTextDualEncoderModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.clip.modeling_clip import CLIPOutput
+
+TEXT_POOLINGS = ("mean", "pooler")
+
+
+def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average token states over the real (mask 1) tokens: (batch, tokens, hidden) -> (batch, hidden).
+
+    Raises:
+        ValueError: a row has no unmasked token (an empty text), or the shapes do not match.
+
+    Example:
+        >>> states = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+        >>> mean_pool(states, torch.tensor([[1, 1, 0]]))
+        tensor([[2., 3.]])
+    """
+    if last_hidden_state.dim() != 3 or not last_hidden_state.is_floating_point():
+        raise ValueError(
+            f"last_hidden_state must be a float (batch, tokens, hidden) tensor, got {last_hidden_state.dtype} "
+            f"with shape {tuple(last_hidden_state.shape)}."
+        )
+    if tuple(attention_mask.shape) != tuple(last_hidden_state.shape[:2]):
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} does not match the (batch, tokens) = "
+            f"{tuple(last_hidden_state.shape[:2])} of last_hidden_state."
+        )
+    mask = attention_mask.to(last_hidden_state.dtype).unsqueeze(-1)
+    counts = mask.sum(dim=1)
+    empty = (counts.squeeze(-1) == 0).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(
+            f"Rows {empty.tolist()[:10]} have no unmasked token; mean pooling is undefined. Check for empty texts."
+        )
+    return (last_hidden_state * mask).sum(dim=1) / counts
+
+
+class ClipNegDualEncoderModel(VisionTextDualEncoderModel):
+    """A `VisionTextDualEncoderModel` whose text embedding follows `config.text_pooling` and whose forward
+    also accepts cached tower features.
+
+    Shapes: `image_tower_features(pixel_values)` -> (B, vision hidden size); `text_tower_features(...)` ->
+    (B, text hidden size); both float, L2-normalised. `forward` returns a `CLIPOutput` with normalised
+    (B, projection_dim) `image_embeds` / `text_embeds`.
+
+    Example:
+        >>> from hf_clipneg.testing import build_tiny_dual_encoder
+        >>> model, processor = build_tiny_dual_encoder()
+        >>> model.config.text_pooling
+        'mean'
+        >>> tokens = processor.tokenizer(["a red circle"], return_tensors="pt")
+        >>> features = model.text_tower_features(**tokens)
+        >>> out = model(text_tower_features=features, image_tower_features=torch.randn(1, 32))
+        >>> bool(torch.allclose(out.text_embeds, F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)))
+        True
+    """
+
+    @property
+    def text_pooling(self) -> str:
+        pooling = getattr(self.config, "text_pooling", "pooler")
+        if pooling not in TEXT_POOLINGS:
+            raise ValueError(f"config.text_pooling must be one of {TEXT_POOLINGS}, got {pooling!r}.")
+        return pooling
+
+    def image_tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) pixels -> (B, D_vision) L2-normalised pooled vision-tower output."""
+        return self._image_features(self.vision_model(pixel_values=pixel_values, return_dict=True))
+
+    @staticmethod
+    def _image_features(outputs: BaseModelOutputWithPooling) -> torch.Tensor:
+        pooled = outputs.pooler_output
+        return F.normalize(pooled.reshape(pooled.shape[0], -1), dim=-1)
+
+    def text_tower_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) token ids -> (B, D_text) L2-normalised text features pooled as `config.text_pooling` says."""
+        return self._text_features(self._run_text_tower(input_ids, attention_mask, token_type_ids, position_ids), attention_mask)
+
+    def _run_text_tower(self, input_ids, attention_mask, token_type_ids, position_ids) -> BaseModelOutputWithPooling:
+        return self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            return_dict=True,
+        )
+
+    def _text_features(self, outputs: BaseModelOutputWithPooling, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.text_pooling == "mean":
+            if attention_mask is None:
+                attention_mask = torch.ones(outputs.last_hidden_state.shape[:2], device=outputs.last_hidden_state.device)
+            pooled = mean_pool(outputs.last_hidden_state, attention_mask)
+        else:
+            pooled = outputs.pooler_output
+        return F.normalize(pooled, dim=-1)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Projected (B, projection_dim) image features in `pooler_output` (not normalised), as transformers."""
+        return BaseModelOutputWithPooling(pooler_output=self.visual_projection(self.image_tower_features(pixel_values)))
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Projected (B, projection_dim) text features in `pooler_output` (not normalised), as transformers."""
+        features = self.text_tower_features(input_ids, attention_mask, token_type_ids, position_ids)
+        return BaseModelOutputWithPooling(pooler_output=self.text_projection(features))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        image_tower_features: torch.Tensor | None = None,
+        text_tower_features: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CLIPOutput:
+        """Normalised embeddings and logits of the images and texts given as inputs or as cached features.
+
+        Args:
+            image_tower_features: (B, D_vision) cached `image_tower_features` instead of `pixel_values`.
+            text_tower_features: (T, D_text) cached `text_tower_features` instead of `input_ids`.
+
+        Raises:
+            ValueError: neither or both of an input and its cached features are given.
+        """
+        vision_outputs = text_outputs = None
+        image_features = self._one_of(image_tower_features, pixel_values, "image_tower_features", "pixel_values")
+        if image_features is None:
+            vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True)
+            image_features = self._image_features(vision_outputs)
+        text_features = self._one_of(text_tower_features, input_ids, "text_tower_features", "input_ids")
+        if text_features is None:
+            text_outputs = self._run_text_tower(input_ids, attention_mask, token_type_ids, position_ids)
+            text_features = self._text_features(text_outputs, attention_mask)
+        image_embeds = F.normalize(self.visual_projection(image_features.to(self.visual_projection.weight.dtype)), dim=-1)
+        text_embeds = F.normalize(self.text_projection(text_features.to(self.text_projection.weight.dtype)), dim=-1)
+        logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
+        loss = None
+        if return_loss:
+            labels = torch.arange(len(logits_per_text), device=logits_per_text.device)
+            loss = (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels)) / 2
+        return CLIPOutput(
+            loss=loss,
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+
+    @staticmethod
+    def _one_of(cached: torch.Tensor | None, raw: torch.Tensor | None, cached_name: str, raw_name: str):
+        if (cached is None) == (raw is None):
+            raise ValueError(f"Pass exactly one of `{raw_name}` and `{cached_name}`.")
+        return cached
