@@ -11,6 +11,7 @@ items returns at most five hits); ``k < 1`` raises.
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import json
 import logging
@@ -500,7 +501,14 @@ class ClipNegRetriever:
         }
         # Both files are written completely beside their targets before either replaces an earlier pair.
         with atomic_files(path, path + ".json") as (index_tmp, sidecar_tmp):
-            faiss.write_index(index, index_tmp)
+            try:
+                faiss.write_index(index, index_tmp)
+            except RuntimeError as err:  # faiss reports write errors (a full disk...) as RuntimeError
+                code = errno.ENOSPC if "No space left" in str(err) else errno.EIO
+                raise OSError(
+                    code, f"Could not write the index {path!r} ({os.strerror(code)}); an earlier index there is "
+                    f"unchanged. Free some space or choose another path. faiss said: {err}"
+                ) from err
             with open(index_tmp, "rb") as handle:
                 sidecar["index_sha256"] = _sha256(handle)
             with open(sidecar_tmp, "w", encoding="utf-8") as handle:
