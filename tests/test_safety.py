@@ -421,6 +421,8 @@ def test_evaluate_on_a_missing_split_is_an_error(tmp_path, monkeypatch):
         main(["evaluate", "--model_name_or_path", "m", "--train_data", csv_file])
     with pytest.raises(SplitNotFoundError, match=r"Split 'test' not found .*available splits: \['train'\]"):
         main(["evaluate", "--model_name_or_path", "m", "--eval_data", str(data), "--eval_split", "test"])
+    with pytest.raises(SplitNotFoundError, match=r"Split 'test' not found .*available splits: \['train'\]"):
+        main(["search", "--model_name_or_path", "m", "--eval_data", str(data), "--eval_split", "test", "--query", "x"])
 
 
 def test_load_data_never_evaluates_on_the_training_rows(tmp_path):

@@ -191,6 +191,8 @@ def _search_split(data_args: Any, columns: Any) -> Any:
     try:
         return load_eval_data(data_args, columns)
     except SplitNotFoundError as err:
+        if data_args.eval_data is not None:
+            raise  # evaluation data was named explicitly: a missing split is an error
         logger.info("Indexing the training rows of %s (split %r): %s", data_args.train_data, data_args.train_split, err)
     train, _ = load_data(data_args, columns, load_eval=False)
     return train
@@ -208,11 +210,11 @@ def cmd_search(argv: list[str]) -> int:
         raise SystemExit("hf-clipneg search: give at least one --query.")
     if search_args.save_index:
         check_output_path(search_args.save_index, [search_args.index_path], "--save_index")
+    dataset = None if search_args.index_path else _search_split(data_args, columns)  # data errors before the model
     retriever = ClipNegRetriever.from_pretrained(search_args.model_name_or_path)
     if search_args.index_path:
         retriever.load_index(search_args.index_path)
     else:
-        dataset = _search_split(data_args, columns)
         retriever.index_images(dataset, index_type=search_args.index_type)
     if search_args.save_index:
         retriever.save_index(search_args.save_index)

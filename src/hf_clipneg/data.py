@@ -688,4 +688,13 @@ def _rows_summary(rows: Sequence[int]) -> str:
     return f"row{'s' if len(rows) > 1 else ''} {shown}{more} ({len(rows)} in total)"
 
 
-__all__ = ["IMAGE_COLUMN", "CAPTION_COLUMN", "GROUP_COLUMN", "load_pairs", "check_images", "BadImageError"]
+__all__ = [
+    "IMAGE_COLUMN",
+    "CAPTION_COLUMN",
+    "GROUP_COLUMN",
+    "load_pairs",
+    "check_images",
+    "BadImageError",
+    "SplitNotFoundError",
+    "ForeignImagePathError",
+]

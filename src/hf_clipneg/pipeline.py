@@ -235,8 +235,9 @@ def train(
     from .mining import CONFIG_PREFIX, MiningConfig, NegativeStrategy, mine_negatives, rule_conflicts
     from .trainer import ClipNegTrainer
 
-    check_output_path(training_args.output_dir, [data_args.train_data, data_args.eval_data], "output_dir",
-                      inputs_may_lie_inside=True)
+    if training_args.output_dir is not None:
+        check_output_path(training_args.output_dir, [data_args.train_data, data_args.eval_data], "output_dir",
+                          inputs_may_lie_inside=True)
     explicit_keys: set[str] | None = None  # the rule fields the user set
     rule_source = "mining_config"
     if mining_config is None:
@@ -310,14 +311,15 @@ def train(
         logger.warning("No evaluation data: no evaluation metrics are reported.")
         metrics = {}
     # Written beside the result first: a failure (e.g. a full disk) leaves an earlier model in output_dir intact.
-    staging = os.path.join(training_args.output_dir, ".hf_clipneg-final-model-tmp")
+    output_dir = trainer.args.output_dir
+    staging = os.path.join(output_dir, ".hf_clipneg-final-model-tmp")
     if trainer.args.should_save:
         shutil.rmtree(staging, ignore_errors=True)
     try:
         trainer.save_model(staging, _internal_call=True)
         if trainer.args.should_save:
             processor.save_pretrained(staging)
-            replace_files_into(staging, training_args.output_dir)
+            replace_files_into(staging, output_dir)
     finally:
         if trainer.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)

@@ -333,9 +333,12 @@ class ClipNegTrainer(Trainer):
             if missing:
                 return f"the weights shard {missing[0]} is missing"
         else:
-            weights = [os.path.join(folder, n) for n in ("model.safetensors", "pytorch_model.bin")
+            weights = [os.path.join(folder, n) for n in ("model.safetensors", "pytorch_model.bin",
+                                                         "adapter_model.safetensors")
                        if os.path.isfile(os.path.join(folder, n))]
             if not weights:
+                if any(n.startswith(("pytorch_model_fsdp", "global_step")) for n in os.listdir(folder)):
+                    return None  # FSDP / DeepSpeed shards: written in their own formats, left to their loaders
                 return "no model weights (model.safetensors)"
         others = [os.path.join(folder, n) for n in ("optimizer.pt", "scheduler.pt") if os.path.isfile(os.path.join(folder, n))]
         for path in weights + others:
