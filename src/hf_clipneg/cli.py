@@ -15,13 +15,43 @@ logger = logging.getLogger("hf_clipneg")
 
 
 def parse(dataclass_types: Sequence[type], argv: list[str], prog: str) -> tuple[Any, ...]:
-    """Parse `argv` into the dataclasses; a single `.json`/`.yaml`/`.yml` argument is read as a config file."""
+    """Parse `argv` into the dataclasses; a single `.json`/`.yaml`/`.yml` argument is read as a config file.
+
+    Every value of a config file is checked against the type of its dataclass field first: a
+    `ConfigTypeError` names each key whose value has the wrong type (`"false"` for a bool, `"sixty"` or
+    `2.5` for an integer...) and the type it expects.
+    """
     parser = HfArgumentParser(list(dataclass_types), prog=prog)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        return parser.parse_dict(read_config_file(argv[0], dataclass_types))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def read_config_file(path: str, dataclass_types: Sequence[type]) -> dict[str, Any]:
+    """Read a JSON/YAML config file into a dict whose values match the dataclasses' field types."""
+    import json
+
+    from ._config import ConfigTypeError, check_config_types
+
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        if path.endswith(".json"):
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except ValueError as err:  # json.JSONDecodeError
+        raise ConfigTypeError(f"The config file {path!r} is not valid JSON: {err}.") from err
+    except Exception as err:  # yaml.YAMLError
+        raise ConfigTypeError(f"The config file {path!r} is not valid YAML: {err}.") from err
+    if not isinstance(values, dict):
+        raise ConfigTypeError(
+            f"The config file {path!r} must hold a mapping of option names to values, not a {type(values).__name__}."
+        )
+    check_config_types(dataclass_types, values, source=f"The config file {path!r}")
+    return values
 
 
 def cmd_demo(argv: list[str]) -> int:
@@ -87,7 +117,8 @@ class InspectArguments:
 
 
 def cmd_mine(argv: list[str]) -> int:
-    from .hub import push_mined_dataset
+    from ._atomic import DATASET_MARKERS, atomic_directory, check_output_path
+    from .hub import check_hub_repo_id, push_mined_dataset
     from .mining import MiningConfig, mine_negatives
     from .pipeline import DataArguments, ModelArguments, canonical_columns, load_data, load_model
 
@@ -96,8 +127,13 @@ def cmd_mine(argv: list[str]) -> int:
     )
     if mine_args.output_dir is None and mine_args.push_to_hub is None:
         raise SystemExit("hf-clipneg mine: give --output_dir and/or --push_to_hub, or the result is lost.")
+    if mine_args.output_dir:
+        check_output_path(mine_args.output_dir, [data_args.train_data, data_args.eval_data], "--output_dir",
+                          replace_markers=DATASET_MARKERS)
+    if mine_args.push_to_hub:
+        check_hub_repo_id(mine_args.push_to_hub, "--push_to_hub")
+    pairs, _ = load_data(data_args, config, seed=config.seed, load_eval=False)  # bad data fails before the model loads
     model, processor = load_model(model_args)
-    pairs, _ = load_data(data_args, config, seed=config.seed)
     config = canonical_columns(config)
     mined, stats = mine_negatives(
         pairs, config, model=model, processor=processor, batch_size=mine_args.batch_size,
@@ -105,7 +141,8 @@ def cmd_mine(argv: list[str]) -> int:
     )
     print(stats.to_markdown())
     if mine_args.output_dir:
-        mined.save_to_disk(mine_args.output_dir)
+        with atomic_directory(mine_args.output_dir) as tmp:  # an earlier result survives a failed save
+            mined.save_to_disk(tmp)
         print(f"saved to {mine_args.output_dir}")
     if mine_args.push_to_hub:
         url = push_mined_dataset(
@@ -130,14 +167,14 @@ def _load_mined(source: str) -> Any:
 
 def cmd_evaluate(argv: list[str]) -> int:
     from .metrics import groups_from_captions, retrieval_metrics
-    from .pipeline import ColumnArguments, DataArguments
+    from .pipeline import ColumnArguments, DataArguments, load_eval_data
     from .retrieval import ClipNegRetriever
 
     eval_args, data_args, columns = parse(
         [EvaluateArguments, DataArguments, ColumnArguments], argv, "hf-clipneg evaluate"
     )
+    dataset = load_eval_data(data_args, columns)  # before the model: a missing split fails at once
     retriever = ClipNegRetriever.from_pretrained(eval_args.model_name_or_path)
-    dataset = _eval_split(data_args, columns)
     images = retriever.embed_images(dataset, batch_size=eval_args.batch_size)
     texts = retriever.embed_texts(list(dataset["caption"]), batch_size=eval_args.batch_size)
     groups = list(dataset["group"]) if "group" in dataset.column_names else groups_from_captions(dataset["caption"])
@@ -146,14 +183,23 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
-def _eval_split(data_args: Any, columns: Any) -> Any:
-    from .pipeline import load_data
+def _search_split(data_args: Any, columns: Any) -> Any:
+    """The rows `search` indexes: the evaluation data when there is some, else the training rows (said in the log)."""
+    from .data import SplitNotFoundError
+    from .pipeline import load_data, load_eval_data
 
-    train, evaluation = load_data(data_args, columns)
-    return evaluation if evaluation is not None else train
+    try:
+        return load_eval_data(data_args, columns)
+    except SplitNotFoundError as err:
+        if data_args.eval_data is not None:
+            raise  # evaluation data was named explicitly: a missing split is an error
+        logger.info("Indexing the training rows of %s (split %r): %s", data_args.train_data, data_args.train_split, err)
+    train, _ = load_data(data_args, columns, load_eval=False)
+    return train
 
 
 def cmd_search(argv: list[str]) -> int:
+    from ._atomic import check_output_path
     from .pipeline import ColumnArguments, DataArguments
     from .retrieval import ClipNegRetriever
 
@@ -162,11 +208,13 @@ def cmd_search(argv: list[str]) -> int:
     )
     if not search_args.query:
         raise SystemExit("hf-clipneg search: give at least one --query.")
+    if search_args.save_index:
+        check_output_path(search_args.save_index, [search_args.index_path], "--save_index")
+    dataset = None if search_args.index_path else _search_split(data_args, columns)  # data errors before the model
     retriever = ClipNegRetriever.from_pretrained(search_args.model_name_or_path)
     if search_args.index_path:
         retriever.load_index(search_args.index_path)
     else:
-        dataset = _eval_split(data_args, columns)
         retriever.index_images(dataset, index_type=search_args.index_type)
     if search_args.save_index:
         retriever.save_index(search_args.save_index)
@@ -194,9 +242,20 @@ def cmd_inspect(argv: list[str]) -> int:
 
 
 def cmd_tldr(argv: list[str]) -> int:
-    from .text_heads import tldr_main
+    from ._atomic import atomic_directory, check_output_path
+    from .text_heads import TldrArguments, tldr_main
 
-    return tldr_main(argv)
+    if any(arg in ("-h", "--help") for arg in argv) or (len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))):
+        return tldr_main(argv)
+    (args,) = parse([TldrArguments], argv, "hf-clipneg tldr")
+    check_output_path(args.output_dir, [args.model_name_or_path, args.paired_data, args.descriptions_file, args.projector_path],
+                      "--output_dir", replace_markers=("config.json",))
+    # The head is written to a temporary sibling first (the last --output_dir wins), then swapped in.
+    with atomic_directory(args.output_dir) as tmp:
+        code = tldr_main([*argv, "--output_dir", tmp])
+        if code != 0:
+            raise SystemExit(code)
+    return code
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {

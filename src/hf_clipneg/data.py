@@ -38,6 +38,14 @@ from datasets.utils.tqdm import tqdm
 
 from .images import BadImageError, to_rgb
 
+class SplitNotFoundError(ValueError):
+    """The requested split does not exist in the source (the message names the splits that do)."""
+
+
+class ForeignImagePathError(ValueError):
+    """A dataset from the Hub points its images at files outside its own repository; they are never read."""
+
+
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
@@ -67,6 +75,7 @@ def load_pairs(
     *,
     on_empty_caption: str = "error",
     on_missing_image: str = "error",
+    split_required: bool = False,
 ) -> Dataset:
     """Load image-caption pairs and rename their columns to `image`, `caption` (and `group`).
 
@@ -82,6 +91,17 @@ def load_pairs(
     (counted and logged) with `on_empty_caption="skip"`; image files that do not exist likewise
     with `on_missing_image`. Undecodable images are only found when decoded: see `check_images`.
     `max_rows` keeps the first rows (before any skipping).
+
+    A string is read as a local source when it exists or is clearly written as a path (it starts with
+    `/`, `./`, `../` or `~`, has a `..` part or a data-file suffix); anything else must be a valid Hub
+    dataset id (`name` or `namespace/name`). Images of a Hub dataset must be embedded bytes or files of
+    that same repository: a path to any other file (e.g. `/etc/passwd` or a relative path, which would be
+    read from this machine's disk) is never opened, and its rows raise a `ForeignImagePathError` (or are
+    dropped with `on_missing_image="skip"`).
+
+    With `split_required=True` a source without the split `split` (including sources that have no splits
+    at all: files, in-memory and single saved datasets) raises `SplitNotFoundError` instead of loading
+    its only rows.
 
     Example:
         >>> from datasets import Dataset
@@ -101,8 +121,8 @@ def load_pairs(
     if len(set(roles.values())) < len(roles):
         raise ValueError(f"One column cannot play two roles: {roles}.")
 
-    parts = _load_source(source, split, revision, token, data_dir)
-    prepared, missing_images, offset = [], [], 0
+    parts = _load_source(source, split, revision, token, data_dir, split_required)
+    prepared, missing_images, foreign_images, offset = [], [], [], 0
     for part in parts:
         dataset = part.dataset
         if max_rows is not None:
@@ -111,14 +131,31 @@ def load_pairs(
             dataset = dataset.select(range(min(len(dataset), max_rows - offset)))
         _check_columns(dataset, roles, part.hint)
         dataset = _rename(dataset, roles)
-        dataset, missing = _prepare_images(dataset, part.base_dir, image_column)
+        dataset, missing, foreign = _prepare_images(dataset, part.base_dir, image_column, part.remote_repo)
         missing_images += [(row + offset, path) for row, path in missing]
+        foreign_images += [(row + offset, path) for row, path in foreign]
         prepared.append(dataset)
         offset += len(dataset)
     dataset = prepared[0] if len(prepared) == 1 else concatenate_datasets(prepared)
     dataset = _check_caption_dtype(dataset, caption_column)
 
     bad_rows: set[int] = set()
+    if foreign_images:
+        rows = [row for row, _ in foreign_images]
+        examples = "; ".join(f"row {row}: {path!r}" for row, path in foreign_images[:_SHOW_ROWS])
+        message = (
+            f"{len(rows)} image(s) in column {image_column!r} of the Hub dataset {os.fspath(source)!r} are not embedded "
+            f"and point outside that repository ({examples}{'; ...' if len(rows) > _SHOW_ROWS else ''}). Paths in a "
+            "remote dataset are never read from this machine's disk: only embedded image bytes, or image files of "
+            "the same dataset repository, are used."
+        )
+        if on_missing_image == "error":
+            raise ForeignImagePathError(
+                f"{message} Ask the dataset's author to embed the images (datasets' push_to_hub does), or pass "
+                "on_missing_image='skip' to drop those rows."
+            )
+        logger.warning("Skipping those rows: %s", message)
+        bad_rows.update(rows)
     if missing_images:
         rows = [row for row, _ in missing_images]
         examples = "; ".join(f"row {row}: {path!r}" for row, path in missing_images[:_SHOW_ROWS])
@@ -245,20 +282,48 @@ class _Part:
     dataset: Dataset
     base_dir: str | None
     hint: str = ""  # appended to "column not found" errors
+    remote_repo: str | None = None  # the Hub dataset id when the rows came from the Hub
+
+
+def _no_splits(split: str | None, where: str) -> SplitNotFoundError:
+    return SplitNotFoundError(
+        f"Split {split!r} not found: {where} has no named splits (its rows are one set). Pass the evaluation "
+        "data separately (e.g. --eval_data), or a dataset that has that split."
+    )
+
+
+def _looks_local(path: str) -> bool:
+    parts = path.replace("\\", "/").split("/")
+    return (
+        os.path.isabs(path)
+        or path.startswith(("./", "../", "~", ".\\", "..\\"))
+        or "\\" in path
+        or any(part in (".", "..") for part in parts)
+        or os.path.splitext(path)[1].lower() in _FILE_BUILDERS
+    )
 
 
 def _load_source(
-    source: DataSource, split: str | None, revision: str | None, token: str | bool | None, data_dir: str | None
+    source: DataSource,
+    split: str | None,
+    revision: str | None,
+    token: str | bool | None,
+    data_dir: str | None,
+    split_required: bool = False,
 ) -> list[_Part]:
     if isinstance(source, (IterableDataset, IterableDatasetDict)):
         raise TypeError("Streaming datasets are not supported: load the data without streaming=True.")
     if isinstance(source, Dataset):
+        if split_required:
+            raise _no_splits(split, "the in-memory Dataset")
         return [_Part(source, None)]
     if isinstance(source, DatasetDict):
         return [_Part(_pick_split(source, split, "the DatasetDict"), None)]
     if isinstance(source, (list, tuple)):
         if not source:
             raise ValueError("The list of data files is empty.")
+        if split_required:
+            raise _no_splits(split, "a list of data files")
         return _load_files([os.fspath(path) for path in source])
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
@@ -267,30 +332,55 @@ def _load_source(
         )
     path = os.path.expanduser(os.fspath(source))
     if os.path.isdir(path):
-        return [_load_folder(os.path.join(path, data_dir) if data_dir else path, split)]
+        return [_load_folder(os.path.join(path, data_dir) if data_dir else path, split, split_required)]
     if os.path.isfile(path):
+        if split_required:
+            raise _no_splits(split, f"the data file {path!r}")
         return _load_files([path])
     if glob.has_magic(path):
         files = sorted(glob.glob(path, recursive=True))
         if not files:
             raise FileNotFoundError(f"No file matches the pattern {path!r}.")
+        if split_required:
+            raise _no_splits(split, f"the data files {path!r}")
         return _load_files(files)
-    if os.path.splitext(path)[1].lower() in _FILE_BUILDERS or path.startswith(("/", "./", "../", "~")):
+    if _looks_local(os.fspath(source)):
         raise FileNotFoundError(
             f"{path!r} does not exist. Pass an existing file or folder, or a Hub dataset id such as 'user/name'."
         )
+    _check_hub_id(path)
     logger.info("Loading %r (split %r) from the Hugging Face Hub.", path, split)
-    loaded = load_dataset(path, split=split, revision=revision, token=token, data_dir=data_dir)
+    try:
+        loaded = load_dataset(path, split=split, revision=revision, token=token, data_dir=data_dir)
+    except ValueError as err:
+        if str(err).startswith("Unknown split"):
+            raise SplitNotFoundError(f"Split {split!r} not found in the Hub dataset {path!r}: {err}") from err
+        raise
     if isinstance(loaded, DatasetDict):
         loaded = _pick_split(loaded, split, f"the Hub dataset {path!r}")
-    return [_Part(loaded, None)]
+    return [_Part(loaded, None, remote_repo=path)]
 
 
-def _load_folder(path: str, split: str | None) -> _Part:
+def _check_hub_id(path: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError as err:
+        raise ValueError(
+            f"{path!r} is neither an existing local file or folder nor a valid Hub dataset id ({err}). Pass an "
+            "existing path (write local paths as './name' or '/abs/name') or a Hub id such as 'user/name'."
+        ) from None
+
+
+def _load_folder(path: str, split: str | None, split_required: bool = False) -> _Part:
     if any(os.path.isfile(os.path.join(path, marker)) for marker in _SAVED_MARKERS):
         loaded = load_from_disk(path)
         if isinstance(loaded, DatasetDict):
             loaded = _pick_split(loaded, split, f"the saved dataset {path!r}")
+        elif split_required:
+            raise _no_splits(split, f"the saved dataset {path!r}")
         return _Part(loaded, path)
     if _has_images(path):
         _check_folder_utf8(path, only=_METADATA_FILES)
@@ -406,7 +496,7 @@ def _pick_split(splits: DatasetDict, split: str | None, where: str) -> Dataset:
             return next(iter(splits.values()))
         raise ValueError(f"{where} has several splits {list(splits)}: pass split=... to pick one.")
     if split not in splits:
-        raise ValueError(f"Split {split!r} not found in {where}; available splits: {list(splits)}.")
+        raise SplitNotFoundError(f"Split {split!r} not found in {where}; available splits: {list(splits)}.")
     return splits[split]
 
 
@@ -439,8 +529,15 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
-def _prepare_images(dataset: Dataset, base_dir: str | None, user_column: str) -> tuple[Dataset, list[tuple[int, str]]]:
-    """Cast the image column to `Image()`, resolve relative paths and list rows whose file is missing."""
+def _prepare_images(
+    dataset: Dataset, base_dir: str | None, user_column: str, remote_repo: str | None = None
+) -> tuple[Dataset, list[tuple[int, str]], list[tuple[int, str]]]:
+    """Cast the image column to `Image()`, resolve relative paths and list rows whose file is missing.
+
+    For a Hub dataset (`remote_repo`) nothing is resolved on the local filesystem: a value without bytes
+    must be a file of that repository (its folder in the Hub cache, or an `hf://datasets/<repo>` URL);
+    any other path is listed as foreign (third list) and never opened.
+    """
     feature = dataset.features[IMAGE_COLUMN]
     supported = isinstance(feature, Image) or (
         isinstance(feature, Value) and feature.dtype in ("string", "large_string", "binary", "large_binary")
@@ -457,6 +554,8 @@ def _prepare_images(dataset: Dataset, base_dir: str | None, user_column: str) ->
     dataset = dataset.cast_column(IMAGE_COLUMN, Image(decode=False))
 
     missing: list[tuple[int, str]] = []
+    foreign: list[tuple[int, str]] = []
+    allowed = _repo_locations(remote_repo) if remote_repo else None
     relative = False
     offset = 0
     for batch in dataset.select_columns([IMAGE_COLUMN]).with_format("arrow").iter(batch_size=_SCAN_BATCH):
@@ -468,6 +567,12 @@ def _prepare_images(dataset: Dataset, base_dir: str | None, user_column: str) ->
             if path is None:
                 missing.append((offset + int(position), "None (no image)"))
                 continue
+            if allowed is not None:
+                if not _in_repo(path, allowed):
+                    foreign.append((offset + int(position), path))
+                elif not _is_url(path) and not os.path.isfile(path):
+                    missing.append((offset + int(position), path))
+                continue
             if _is_url(path):
                 continue
             if not os.path.isabs(path):
@@ -477,6 +582,16 @@ def _prepare_images(dataset: Dataset, base_dir: str | None, user_column: str) ->
                 missing.append((offset + int(position), path))
         offset += batch.num_rows
 
+    if foreign:
+        # Never leave a foreign path in the rows: a later save/push (which embeds files) would read it.
+        dataset = dataset.map(
+            _drop_foreign_paths,
+            batched=True,
+            input_columns=[IMAGE_COLUMN],
+            fn_kwargs={"allowed": allowed},
+            features=dataset.features,
+            desc="Dropping foreign image paths",
+        )
     if relative:
         dataset = dataset.map(
             _absolute_paths,
@@ -486,7 +601,35 @@ def _prepare_images(dataset: Dataset, base_dir: str | None, user_column: str) ->
             features=dataset.features,
             desc="Resolving image paths",
         )
-    return dataset.cast_column(IMAGE_COLUMN, Image(mode=mode)), missing
+    return dataset.cast_column(IMAGE_COLUMN, Image(mode=mode)), missing, foreign
+
+
+def _repo_locations(repo_id: str) -> tuple[str, tuple[str, ...]]:
+    """The local cache folder of a Hub dataset repo and the URL prefixes of its files."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = os.path.realpath(os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="dataset")))
+    return folder, (f"hf://datasets/{repo_id}/", f"hf://datasets/{repo_id}@")
+
+
+def _in_repo(path: str, allowed: tuple[str, tuple[str, ...]]) -> bool:
+    folder, prefixes = allowed
+    if _is_url(path):
+        return path.startswith(prefixes) and "/../" not in path and not path.endswith("/..")
+    if not os.path.isabs(path):
+        return False  # would be read relative to this machine's current folder
+    real = os.path.realpath(path)
+    return os.path.commonpath([real, folder]) == folder and real != folder
+
+
+def _drop_foreign_paths(values: list[dict | None], allowed: tuple[str, tuple[str, ...]]) -> dict[str, list[dict | None]]:
+    kept = []
+    for value in values:
+        if value and value.get("bytes") is None and value.get("path") and not _in_repo(value["path"], allowed):
+            value = None
+        kept.append(value)
+    return {IMAGE_COLUMN: kept}
 
 
 def _absolute_paths(values: list[dict | None], base: str) -> dict[str, list[dict | None]]:
@@ -545,4 +688,13 @@ def _rows_summary(rows: Sequence[int]) -> str:
     return f"row{'s' if len(rows) > 1 else ''} {shown}{more} ({len(rows)} in total)"
 
 
-__all__ = ["IMAGE_COLUMN", "CAPTION_COLUMN", "GROUP_COLUMN", "load_pairs", "check_images", "BadImageError"]
+__all__ = [
+    "IMAGE_COLUMN",
+    "CAPTION_COLUMN",
+    "GROUP_COLUMN",
+    "load_pairs",
+    "check_images",
+    "BadImageError",
+    "SplitNotFoundError",
+    "ForeignImagePathError",
+]

@@ -3,7 +3,7 @@
 * :func:`render_model_card` / :func:`push_model`: a trained `VisionTextDualEncoderModel` + processor + card,
   pushed in a single commit.
 * :func:`render_dataset_card` / :func:`push_mined_dataset` / :func:`load_mined_dataset`: a mined dataset
-  (parquet via `datasets`), its card and ``mining_config.json``; loading restores the mining config into each
+  (parquet via `datasets`), its card and ``mining_config.json`` in one commit; loading restores the mining config into each
   split's ``info.description`` (``hf_clipneg.mining_config=<json>``).
 
 Tokens are only ever handed to `huggingface_hub`; they are never logged, rendered or written to disk, and a
@@ -283,6 +283,20 @@ def _merge_card(existing: str, ours: str) -> str:
     return f"---\n{_yaml(merged)}\n---\n\n{body.lstrip()}"
 
 
+def check_hub_repo_id(repo_id: str, what: str = "repo_id") -> str:
+    """Raise a ValueError naming `what` unless `repo_id` is a valid Hub repo id ('name' or 'namespace/name')."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(repo_id, str):
+        raise TypeError(f"{what} must be a string such as 'user/name', got a {type(repo_id).__name__}.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{what} {repo_id!r} is not a valid Hub repo id: {err}") from None
+    return repo_id
+
+
 def push_mined_dataset(
     dataset_or_dict: Any,
     repo_id: str,
@@ -293,10 +307,12 @@ def push_mined_dataset(
     source: str | None = None,
     commit_message: str = DEFAULT_DATASET_COMMIT_MESSAGE,
 ) -> str:
-    """Push a mined `Dataset` / `DatasetDict` with its card and ``mining_config.json``; return the commit URL.
+    """Push a mined `Dataset` / `DatasetDict`, its card and ``mining_config.json`` in one commit; return its URL.
 
-    The data goes through ``push_to_hub`` (parquet shards + the ``dataset_info``/``configs`` YAML it writes);
-    a second commit, based on the first, merges our card into that README and adds ``mining_config.json``.
+    The data goes through ``push_to_hub`` (parquet shards + the ``dataset_info``/``configs`` YAML it writes) onto
+    a temporary branch; one commit on ``main`` (based on the head the push started from) then carries the
+    branch's data files, our card merged into that README, and ``mining_config.json``. If anything fails,
+    ``main`` is left as it was (an earlier push stays complete) and the temporary branch is deleted.
 
     Example:
         >>> from datasets import Dataset
@@ -304,35 +320,67 @@ def push_mined_dataset(
         >>> push_mined_dataset(ds, "me/mined", {"n_clusters": 1}, token="hf_...")  # doctest: +SKIP
         'https://huggingface.co/datasets/me/mined/commit/...'
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    import uuid
 
+    from huggingface_hub import CommitOperationAdd, CommitOperationCopy, CommitOperationDelete, HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    check_hub_repo_id(repo_id)
     mining = _config_dict(mining_config, "mining_config")
     card = render_dataset_card(mining, stats, source, repo_id=repo_id)
     _check_no_token(card, token, "dataset card")
     config_json = json.dumps(mining, indent=2, sort_keys=True)
     _check_no_token(config_json, token, "mining config")
 
-    logger.info("Pushing mined dataset to %s", repo_id)
-    pushed = dataset_or_dict.push_to_hub(repo_id, private=private, token=token, commit_message=commit_message)
     api = HfApi(token=token)
-    parent = getattr(pushed, "oid", None) or api.dataset_info(repo_id).sha
+    repo_id = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True).repo_id
+    parent = api.repo_info(repo_id, repo_type="dataset", revision="main").sha
+    staging = f"hf-clipneg-staging-{uuid.uuid4().hex[:12]}"
+    api.create_branch(repo_id, branch=staging, revision=parent, repo_type="dataset")
+    logger.info("Pushing mined dataset to %s (staged on branch %s)", repo_id, staging)
     try:
-        readme_path = api.hf_hub_download(repo_id, "README.md", repo_type="dataset", revision=parent)
-        with open(readme_path, encoding="utf-8") as f:
-            existing = f.read()
-    except Exception as err:  # EntryNotFoundError: datasets did not write one
-        logger.warning("No README.md after push_to_hub on %s (%s); writing the card alone.", repo_id,
-                       type(err).__name__)
+        dataset_or_dict.push_to_hub(repo_id, token=token, revision=staging, commit_message=commit_message)
+
+        def files(revision: str) -> dict[str, Any]:
+            tree = api.list_repo_tree(repo_id, revision=revision, recursive=True, repo_type="dataset")
+            return {item.path: item for item in tree if isinstance(item, RepoFile)}
+
+        staged, current = files(staging), files(parent)
+        ours = ("README.md", MINING_CONFIG_FILENAME)
+        operations: list[Any] = [
+            CommitOperationCopy(src_path_in_repo=path, path_in_repo=path, src_revision=staging)
+            for path, item in sorted(staged.items())
+            if path not in ours and (path not in current or current[path].blob_id != item.blob_id)
+        ]
+        operations += [CommitOperationDelete(path) for path in sorted(current) if path not in staged and path not in ours]
         existing = ""
-    merged = _merge_card(existing, card)
-    commit = api.create_commit(
-        repo_id,
-        [CommitOperationAdd("README.md", merged.encode("utf-8")),
-         CommitOperationAdd(MINING_CONFIG_FILENAME, config_json.encode("utf-8"))],
-        commit_message="Add hf_clipneg dataset card and mining config",
-        repo_type="dataset",
-        parent_commit=parent,
-    )
+        if "README.md" in staged:
+            readme_path = api.hf_hub_download(repo_id, "README.md", repo_type="dataset", revision=staging)
+            with open(readme_path, encoding="utf-8") as f:
+                existing = f.read()
+        else:
+            logger.warning("No README.md after push_to_hub on %s; writing the card alone.", repo_id)
+        merged = _merge_card(existing, card)
+        _check_no_token(merged, token, "dataset card")
+        operations += [
+            CommitOperationAdd("README.md", merged.encode("utf-8")),
+            CommitOperationAdd(MINING_CONFIG_FILENAME, config_json.encode("utf-8")),
+        ]
+        commit = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message,
+            commit_description="hf_clipneg mined dataset: data, card and mining_config.json",
+            repo_type="dataset",
+            revision="main",
+            parent_commit=parent,
+        )
+    finally:
+        try:
+            api.delete_branch(repo_id, branch=staging, repo_type="dataset")
+        except Exception as err:  # the result (or the original error) matters more than the cleanup
+            logger.warning("Could not delete the temporary branch %s of %s (%s); delete it by hand.", staging,
+                           repo_id, type(err).__name__)
     return str(commit)
 
 
@@ -387,8 +435,11 @@ def _fetch_mining_config(repo_id: str, revision: str | None, token: str | bool |
         if isinstance(config, dict):
             return config
     raise FileNotFoundError(
-        f"Dataset repo {repo_id!r} has no {MINING_CONFIG_FILENAME} and no 'hf_clipneg' key in its card: it was "
-        "not pushed with push_mined_dataset. Load it with datasets.load_dataset and pass mining_config= yourself."
+        f"Dataset repo {repo_id!r} has no {MINING_CONFIG_FILENAME} and no 'hf_clipneg' key in its card, so the rule "
+        "its negatives were mined with is unknown: it was not pushed with push_mined_dataset (which commits data, "
+        f"card and {MINING_CONFIG_FILENAME} together). To repair it, push the mined dataset again with "
+        "push_mined_dataset (or `hf-clipneg mine ... --push_to_hub`); or load it with datasets.load_dataset and pass "
+        "mining_config= yourself."
     )
 
 
@@ -402,4 +453,5 @@ __all__ = [
     "push_model",
     "push_mined_dataset",
     "load_mined_dataset",
+    "check_hub_repo_id",
 ]

@@ -99,6 +99,24 @@ class NegativeSampling(str, Enum):
     LOWEST = "lowest"
 
 
+class _DefaultThreshold(float):
+    """The default `image_cosine_threshold` (0.97), told apart from an explicit 0.97: with `pair_quantile`
+    set, the default gives way to the quantile, while an explicit value is kept."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_DefaultThreshold, (float(self),))
+
+
+DEFAULT_IMAGE_COSINE_THRESHOLD = _DefaultThreshold(0.97)
+
+# Fields the mining step resolves from the data when they are None.
+RESOLVED_FIELDS = (
+    "n_image_clusters", "n_text_clusters", "image_centroid_threshold", "text_centroid_threshold",
+    "image_cosine_threshold", "text_cosine_threshold", "image_distance_mean", "random_drop_fraction",
+)
+_COLUMN_FIELDS = ("image_column", "caption_column", "group_column")
+
+
 @dataclass
 class MiningConfig:
     """Configuration of the negative rule and the mining step (readable by `transformers.HfArgumentParser`).
@@ -123,7 +141,8 @@ class MiningConfig:
     ``n_text_clusters`` (None = :func:`default_n_clusters`), ``image_centroid_threshold`` /
     ``text_centroid_threshold`` (from ``similar_cluster_quantile``), the cosine thresholds (from
     ``pair_quantile``), ``random_drop_fraction`` (the cluster rule's masked fraction) and
-    ``image_distance_mean``.
+    ``image_distance_mean``. ``pair_quantile`` sets both cosine thresholds from the data: the image
+    threshold's 0.97 default gives way to it, while a threshold set explicitly is kept.
 
     Example:
         >>> config = MiningConfig(strategy="cluster", evidence="image_and_text_cluster", seed=3)
@@ -144,7 +163,7 @@ class MiningConfig:
     similar_cluster_quantile: float | None = None
     image_centroid_threshold: float | None = None
     text_centroid_threshold: float | None = None
-    image_cosine_threshold: float | None = 0.97
+    image_cosine_threshold: float | None = DEFAULT_IMAGE_COSINE_THRESHOLD
     text_cosine_threshold: float | None = None
     pair_quantile: float | None = None
     negatives_per_row: int = 4
@@ -183,6 +202,8 @@ class MiningConfig:
             )
         if self.pair_quantile is not None and not 0.0 < self.pair_quantile < 1.0:
             raise ValueError(f"pair_quantile must be in (0, 1), e.g. 0.999, got {self.pair_quantile}.")
+        if self.pair_quantile is not None and type(self.image_cosine_threshold) is _DefaultThreshold:
+            self.image_cosine_threshold = None  # resolved from pair_quantile by the mining step
         for name in ("image_cosine_threshold", "text_cosine_threshold", "image_centroid_threshold", "text_centroid_threshold"):
             value = getattr(self, name)
             if value is not None and not -1.0 <= value <= 1.0:
@@ -251,6 +272,33 @@ class MiningConfig:
         return self.evidence == DuplicateEvidence.IMAGE_AND_TEXT_CLUSTER
 
 
+def rule_conflicts(given: MiningConfig, stored: MiningConfig, keys: set[str] | None = None) -> dict[str, tuple[Any, Any]]:
+    """Fields (among `keys`, default: those `given` sets to a non-default value) where `given` contradicts the
+    rule a dataset was mined with (`stored`), as ``{name: (given, stored)}``.
+
+    Column names are not compared (loading renames them), and None in a field the mining step resolves from
+    the data (e.g. ``n_image_clusters``) agrees with any resolved value.
+
+    Example:
+        >>> stored = MiningConfig(strategy="cluster_weighted", n_image_clusters=8)
+        >>> rule_conflicts(MiningConfig(strategy="cluster_weighted", weight_power=2.0), stored)
+        {'weight_power': (2.0, 1.0)}
+    """
+    default = MiningConfig()
+    if keys is None:
+        keys = {f.name for f in dataclasses.fields(MiningConfig) if getattr(given, f.name) != getattr(default, f.name)}
+    conflicts = {}
+    for name in sorted(keys):
+        if name in _COLUMN_FIELDS or not hasattr(stored, name):
+            continue
+        mine, theirs = getattr(given, name), getattr(stored, name)
+        if mine is None and name in RESOLVED_FIELDS:
+            continue
+        if mine != theirs:
+            conflicts[name] = (_plain(mine), _plain(theirs))
+    return conflicts
+
+
 def _coerce(enum_type: type[Enum], value: Any, name: str) -> Enum:
     if isinstance(value, enum_type):
         return value
@@ -266,6 +314,8 @@ def _plain(value: Any) -> Any:
         return value.value
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, float) and type(value) is not float:
+        return float(value)  # the default-threshold marker is a float subclass
     return value
 
 

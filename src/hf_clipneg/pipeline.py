@@ -4,6 +4,7 @@ and the data, mining when needed, and training with `ClipNegTrainer`."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,36 +106,102 @@ def load_model(model_args: ModelArguments) -> tuple[Any, Any]:
 
 
 def load_data(
-    data_args: DataArguments, columns: ColumnArguments | Any | None = None, seed: int = 0
+    data_args: DataArguments, columns: ColumnArguments | Any | None = None, seed: int = 0, load_eval: bool = True
 ) -> tuple[Dataset, Dataset | None]:
     """Return `(train, eval)` datasets with canonical `image`/`caption` (and `group`) columns.
 
     `columns` names the user's columns (a `ColumnArguments`, or a `MiningConfig`, which has the same fields).
+    The evaluation rows are `eval_data` (its `eval_split`) when given. Otherwise they are the `eval_split` of
+    `train_data` when that split exists; when it does not (or `train_data` is a file or a single saved dataset,
+    which has no splits), `eval` is None and a warning says that training runs without evaluation: the
+    training rows are never used as evaluation rows. `load_eval=False` skips the evaluation rows.
     """
+    from .data import SplitNotFoundError
+
     columns = columns if columns is not None else ColumnArguments()
     if data_args.train_data == SYNTHETIC:
         from .synthetic import make_synthetic_splits
 
         splits = make_synthetic_splits(data_args.synthetic_rows, data_args.synthetic_eval_rows, seed=seed)
-        return splits["train"], splits["validation"]
+        return splits["train"], splits["validation"] if load_eval else None
     from .data import load_pairs
 
-    common = dict(
+    train = load_pairs(data_args.train_data, split=data_args.train_split, max_rows=data_args.max_train_rows,
+                       **_load_options(data_args, columns))
+    if not load_eval:
+        return train, None
+    if data_args.eval_data is not None:
+        return train, load_eval_data(data_args, columns, seed)
+    try:
+        evaluation = load_eval_data(data_args, columns, seed)
+    except SplitNotFoundError as err:
+        logger.warning(
+            "No evaluation data: %s Training without evaluation, so no evaluation metrics are reported (pass "
+            "--eval_data, or a dataset with a %r split, to evaluate).", err, data_args.eval_split,
+        )
+        evaluation = None
+    return train, evaluation
+
+
+def load_eval_data(data_args: DataArguments, columns: ColumnArguments | Any | None = None, seed: int = 0) -> Dataset:
+    """The evaluation rows: `eval_data` (its `eval_split`), else the `eval_split` of `train_data`.
+
+    A missing split raises `hf_clipneg.data.SplitNotFoundError` naming the split and the ones that exist;
+    a `train_data` without splits (a file, a single saved dataset) is never evaluated on as a stand-in.
+    """
+    columns = columns if columns is not None else ColumnArguments()
+    if data_args.eval_data is None and data_args.train_data == SYNTHETIC:
+        from .synthetic import make_synthetic_splits
+
+        return make_synthetic_splits(data_args.synthetic_rows, data_args.synthetic_eval_rows, seed=seed)["validation"]
+    from .data import load_pairs
+
+    source = data_args.eval_data if data_args.eval_data is not None else data_args.train_data
+    return load_pairs(
+        source,
+        split=data_args.eval_split,
+        max_rows=data_args.max_eval_rows,
+        split_required=data_args.eval_data is None,
+        **_load_options(data_args, columns),
+    )
+
+
+def _load_options(data_args: DataArguments, columns: Any) -> dict[str, Any]:
+    return dict(
         image_column=columns.image_column,
         caption_column=columns.caption_column,
         group_column=columns.group_column,
         revision=data_args.revision,
     )
-    train = load_pairs(data_args.train_data, split=data_args.train_split, max_rows=data_args.max_train_rows, **common)
-    eval_source = data_args.eval_data or data_args.train_data
+
+
+def read_mining_config(path: str) -> tuple[Any, set[str]]:
+    """`(config, keys)`: the `MiningConfig` of a JSON file and the fields it sets. Every value is
+    type-checked and unknown keys are refused; errors name the key and the file."""
+    import json
+
+    from ._config import ConfigTypeError, check_config_types
+    from .mining import MiningConfig
+
     try:
-        evaluation = load_pairs(eval_source, split=data_args.eval_split, max_rows=data_args.max_eval_rows, **common)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        if data_args.eval_data is not None:
-            raise
-        logger.warning("No evaluation split %r in %s (%s): training without evaluation.", data_args.eval_split, eval_source, err)
-        evaluation = None
-    return train, evaluation
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"The mining config file {path!r} does not exist.") from None
+    except ValueError as err:
+        raise ConfigTypeError(f"The mining config file {path!r} is not valid JSON: {err}.") from err
+    if not isinstance(values, dict):
+        raise ConfigTypeError(f"The mining config file {path!r} must hold a JSON object of MiningConfig fields.")
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(MiningConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigTypeError(
+            f"The mining config file {path!r} has unknown keys {unknown}; MiningConfig fields are {sorted(known)}."
+        )
+    check_config_types([MiningConfig], values, source=f"The mining config file {path!r}")
+    return MiningConfig.from_dict(values), set(values)
 
 
 def is_mined(dataset: Dataset) -> bool:
@@ -152,25 +219,69 @@ def train(
     """Load, mine (unless the data is mined already or the strategy is vanilla), train, evaluate and save.
 
     The mining rule is `mining_config`, else the JSON file `data_args.mining_config`, else the default.
-    `columns` names the user's columns (default: those of the mining config).
-    Returns the trainer and the final evaluation metrics (empty without an eval split).
+    On data that is mined already, a rule that contradicts the one the data was mined with raises before
+    any work starts (it could not take effect). `columns` names the user's columns (default: those of the
+    mining config). Returns the trainer and the final evaluation metrics (empty, with a warning, without
+    evaluation data). The final model is written to a temporary folder first and moved into `output_dir`
+    only once complete, so a failed save leaves an earlier model there loadable.
     """
+    import dataclasses
+    import shutil
+
     from transformers import set_seed
 
+    from ._atomic import check_output_path, replace_files_into
     from .data import check_images
-    from .mining import MiningConfig, NegativeStrategy, mine_negatives
+    from .mining import CONFIG_PREFIX, MiningConfig, NegativeStrategy, mine_negatives, rule_conflicts
     from .trainer import ClipNegTrainer
 
+    if training_args.output_dir is not None:
+        check_output_path(training_args.output_dir, [data_args.train_data, data_args.eval_data], "output_dir",
+                          inputs_may_lie_inside=True)
+    explicit_keys: set[str] | None = None  # the rule fields the user set
+    rule_source = "mining_config"
     if mining_config is None:
         if data_args.mining_config:
-            with open(data_args.mining_config, encoding="utf-8") as f:
-                mining_config = MiningConfig.from_json(f.read())
+            mining_config, explicit_keys = read_mining_config(data_args.mining_config)
+            rule_source = f"--mining_config {data_args.mining_config}"
         else:
             mining_config = MiningConfig(seed=training_args.seed)
+    else:
+        default = MiningConfig()
+        explicit_keys = {f.name for f in dataclasses.fields(MiningConfig)
+                         if getattr(mining_config, f.name) != getattr(default, f.name)}
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() not in ("true", "false"):
+        if not os.path.isdir(resume):
+            raise FileNotFoundError(f"resume_from_checkpoint: {resume!r} is not a checkpoint folder.")
+        problem = ClipNegTrainer._checkpoint_problem(resume)
+        if problem is not None:
+            raise ValueError(
+                f"Cannot resume from {resume}: {problem}. Pass an earlier, complete checkpoint, or "
+                "resume_from_checkpoint=True to take the newest complete one."
+            )
+
+    train_set, eval_set = load_data(data_args, columns or mining_config, seed=training_args.seed)
+    eval_strategy = getattr(training_args, "eval_strategy", "no")
+    if eval_set is None and getattr(eval_strategy, "value", eval_strategy) != "no":
+        raise ValueError(
+            f"eval_strategy={training_args.eval_strategy!r} needs evaluation data, and there is none (see the warning "
+            "above). Pass --eval_data, or set --eval_strategy no."
+        )
+    mined_with_rule = is_mined(train_set) and CONFIG_PREFIX in (train_set.info.description or "")
+    if mined_with_rule and explicit_keys is not None:
+        conflicts = rule_conflicts(mining_config, MiningConfig.from_dataset(train_set), explicit_keys)
+        if conflicts:
+            listed = ", ".join(f"{name}={mine!r} (mined with {theirs!r})" for name, (mine, theirs) in conflicts.items())
+            raise ValueError(
+                f"The training data {data_args.train_data!r} is already mined, and {rule_source} contradicts the "
+                f"rule it was mined with: {listed}. Those values cannot take effect on mined data. Leave out the "
+                "mining config to train with the dataset's rule, or mine the original (unmined) data with it "
+                "(`hf-clipneg mine ...`) and train on the result."
+            )
 
     set_seed(training_args.seed)  # new projection heads are initialised here, before the Trainer seeds
     model, processor = load_model(model_args)
-    train_set, eval_set = load_data(data_args, columns or mining_config, seed=training_args.seed)
     mining_config = canonical_columns(mining_config)
     strategy = training_args.negative_strategy or mining_config.strategy
     if not is_mined(train_set) and strategy is not NegativeStrategy.VANILLA:
@@ -183,16 +294,35 @@ def train(
         train_set, skipped = check_images(train_set, on_bad_image="skip")
         if skipped:
             logger.warning("Skipped %d training rows with unreadable images: %s", len(skipped), skipped[:20])
+    carries_rule = CONFIG_PREFIX in (train_set.info.description or "")
     trainer = ClipNegTrainer(
         model=model,
         args=training_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=processor,
-        mining_config=mining_config if not is_mined(train_set) else None,
+        # The dataset's own rule when it carries one; the given rule for unmined data or when the user set one.
+        mining_config=None if carries_rule or (is_mined(train_set) and explicit_keys is None) else mining_config,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = trainer.evaluate() if eval_set is not None else {}
-    trainer.save_model()
-    processor.save_pretrained(training_args.output_dir)
+    if eval_set is not None:
+        metrics = trainer.evaluate()
+    else:
+        logger.warning("No evaluation data: no evaluation metrics are reported.")
+        metrics = {}
+    # Written beside the result first: a failure (e.g. a full disk) leaves an earlier model in output_dir intact.
+    output_dir = trainer.args.output_dir
+    staging = os.path.join(output_dir, ".hf_clipneg-final-model-tmp")
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        trainer.save_model(staging, _internal_call=True)
+        if trainer.args.should_save:
+            processor.save_pretrained(staging)
+            replace_files_into(staging, output_dir)
+    finally:
+        if trainer.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="Model save", revision=training_args.hub_revision)
     return trainer, metrics

@@ -11,6 +11,7 @@ items returns at most five hits); ``k < 1`` raises.
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from transformers import (
     VisionTextDualEncoderProcessor,
 )
 
+from hf_clipneg._atomic import atomic_files
 from hf_clipneg._faiss import faiss_gpu_count, import_faiss
 from hf_clipneg.encoding import as_clipneg_model, encode_images, encode_texts
 from hf_clipneg.images import to_rgb, without_image_decoding
@@ -44,6 +46,7 @@ SIDECAR_VERSION = 1
 # "IvFl" is the IVF tag of older faiss releases). Anything else is refused before faiss parses it.
 _FAISS_FOURCC = {b"IxFI": "flat", b"IwFl": "ivf", b"IvFl": "ivf"}
 _MIN_FAISS_FILE_BYTES = 32
+_MAX_INDEX_DIM = 1 << 16  # far above any embedding size; a larger declared dimension is a corrupt header
 # faiss GPU indexes cannot return more than this many neighbours per query.
 _FAISS_GPU_MAX_K = 2048
 
@@ -470,8 +473,6 @@ class ClipNegRetriever:
         index = collection.index
         if _is_gpu_index(index):
             index = faiss.index_gpu_to_cpu(index)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        faiss.write_index(index, path)
         sidecar = {
             "format": SIDECAR_FORMAT,
             "version": SIDECAR_VERSION,
@@ -485,8 +486,20 @@ class ClipNegRetriever:
             "model_name_or_path": getattr(self.model.config, "_name_or_path", None) or None,
             "ids": collection.ids,
         }
-        with open(path + ".json", "w", encoding="utf-8") as handle:
-            json.dump(sidecar, handle)
+        # Both files are written completely beside their targets before either replaces an earlier pair.
+        with atomic_files(path, path + ".json") as (index_tmp, sidecar_tmp):
+            try:
+                faiss.write_index(index, index_tmp)
+            except RuntimeError as err:  # faiss reports write errors (a full disk...) as RuntimeError
+                code = errno.ENOSPC if "No space left" in str(err) else errno.EIO
+                raise OSError(
+                    code, f"Could not write the index {path!r} ({os.strerror(code)}); an earlier index there is "
+                    f"unchanged. Free some space or choose another path. faiss said: {err}"
+                ) from err
+            with open(index_tmp, "rb") as handle:
+                sidecar["index_sha256"] = _sha256(handle)
+            with open(sidecar_tmp, "w", encoding="utf-8") as handle:
+                json.dump(sidecar, handle)
         logger.info("Saved the %s index (%d items) to %s (+ .json).", target, collection.size, path)
 
     def load_index(self, path: str | os.PathLike, target: str | None = None) -> None:
@@ -495,6 +508,11 @@ class ClipNegRetriever:
         Refuses files that are not faiss indexes of the kinds this class writes, a missing or inconsistent
         JSON sidecar, and an embedding dimension different from the model's. An index built by a model with
         different projection weights only warns (its scores are then not comparable with this model's queries).
+
+        The file's structure is checked before faiss reads it: only an inner-product ``IndexFlatIP`` or an
+        ``IndexIVFFlat`` over a flat inner-product quantizer is accepted, and every size the file declares
+        must match the bytes it holds (a small crafted file cannot make it allocate gigabytes). The sidecar's
+        ids must be unique strings or integers, one per vector.
         """
         faiss = import_faiss()
         path = os.fspath(path)
@@ -507,6 +525,7 @@ class ClipNegRetriever:
                 f"{path!r} is not a faiss index written by ClipNegRetriever.save_index (it starts with {head[:4]!r}, "
                 f"expected one of {sorted(_FAISS_FOURCC)}). Pass the index file itself, not its .json sidecar."
             )
+        layout = _check_faiss_layout(path)
         sidecar_path = path + ".json"
         if not os.path.isfile(sidecar_path):
             raise FileNotFoundError(
@@ -519,12 +538,14 @@ class ClipNegRetriever:
             raise ValueError(f"The sidecar {sidecar_path!r} is not valid JSON: {err}.") from err
         if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
             raise ValueError(f"{sidecar_path!r} is not an hf_clipneg index sidecar (no format={SIDECAR_FORMAT!r}).")
+        _check_sidecar(sidecar, sidecar_path, path, layout)
         try:
             index = faiss.read_index(path)
         except RuntimeError as err:
             raise ValueError(f"faiss cannot read {path!r} (truncated or corrupt index file): {err}") from err
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"{path!r} is not an inner-product index; rebuild it with index_images/index_texts.")
+        _check_index_classes(faiss, index, path)
         if index.d != self.embedding_dim:
             raise ValueError(
                 f"The index in {path!r} holds {index.d}-dimensional vectors but this model embeds into "
@@ -536,6 +557,7 @@ class ClipNegRetriever:
                 f"The sidecar {sidecar_path!r} lists {len(ids) if isinstance(ids, list) else 'no'} ids but the index "
                 f"holds {index.ntotal} vectors; the two files do not belong together."
             )
+        _check_saved_ids(ids, sidecar_path)
         if sidecar.get("model_fingerprint") != self.model_fingerprint():
             logger.warning(
                 "The index %s was built by a model with different projection weights (%s, fingerprint %s, this model "
@@ -668,6 +690,189 @@ def _image_batches(images: Any, batch_size: int, image_column: str) -> Iterable[
             batch = []
     if batch:
         yield start, batch
+
+
+class _FaissReader:
+    """Walk a faiss index file, checking every declared size against the bytes that are left, without
+    reading the (possibly huge) vector data."""
+
+    def __init__(self, handle: Any, size: int, path: str):
+        self.handle, self.size, self.path, self.pos = handle, size, path, 0
+
+    def fail(self, why: str) -> ValueError:
+        return ValueError(
+            f"faiss cannot read {self.path!r} as an index written by ClipNegRetriever.save_index: {why} (at byte {self.pos} of "
+            f"{self.size}). The file is truncated, corrupt or crafted; rebuild it with index_images/index_texts."
+        )
+
+    def read(self, n: int) -> bytes:
+        if n > self.size - self.pos:
+            raise self.fail(f"it declares {n} more bytes but only {self.size - self.pos} are left")
+        data = self.handle.read(n)
+        self.pos += n
+        return data
+
+    def skip(self, n: int) -> None:
+        if n < 0 or n > self.size - self.pos:
+            raise self.fail(f"it declares {n} bytes of data but only {self.size - self.pos} are left")
+        self.handle.seek(n, os.SEEK_CUR)
+        self.pos += n
+
+    def int32(self) -> int:
+        return int.from_bytes(self.read(4), "little", signed=True)
+
+    def int64(self) -> int:
+        return int.from_bytes(self.read(8), "little", signed=True)
+
+    def uint64(self) -> int:
+        return int.from_bytes(self.read(8), "little", signed=False)
+
+    def header(self) -> tuple[int, int]:
+        """The common index header: returns (d, ntotal)."""
+        d, ntotal = self.int32(), self.int64()
+        self.skip(16)  # two unused 64-bit fields
+        self.skip(1)  # is_trained
+        metric = self.int32()
+        if metric > 1:
+            self.skip(4)  # metric_arg
+        if not 1 <= d <= _MAX_INDEX_DIM:
+            raise self.fail(f"it declares a dimension of {d}")
+        if ntotal < 0:
+            raise self.fail(f"it declares {ntotal} vectors")
+        if metric != 0:  # faiss.METRIC_INNER_PRODUCT
+            raise self.fail(f"its metric is {metric}, not inner product")
+        return d, ntotal
+
+    def flat_codes(self, d: int, ntotal: int) -> None:
+        count = self.uint64()  # the float count of the stored vectors
+        if count != d * ntotal:
+            raise self.fail(f"it declares {ntotal} vectors of dimension {d} but stores {count} floats")
+        self.skip(4 * count)
+
+
+def _check_faiss_layout(path: str) -> dict[str, int]:
+    """Check the structure of a faiss file of the kinds `save_index` writes; return its d, ntotal and kind."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        reader = _FaissReader(handle, size, path)
+        fourcc = reader.read(4)
+        kind = _FAISS_FOURCC.get(fourcc)
+        d, ntotal = reader.header()
+        if kind == "flat":
+            reader.flat_codes(d, ntotal)
+            nlist = None
+        else:
+            nlist, _nprobe = reader.uint64(), reader.uint64()
+            if not 1 <= nlist <= max(ntotal, 1) * 4 + 1 or nlist > size:
+                raise reader.fail(f"it declares {nlist} inverted lists for {ntotal} vectors")
+            quantizer = reader.read(4)
+            if quantizer != b"IxFI":
+                raise reader.fail(f"its coarse quantizer is {quantizer!r}, not the flat inner-product index save_index writes")
+            q_d, q_total = reader.header()
+            if q_d != d or q_total != nlist:
+                raise reader.fail(f"its quantizer holds {q_total} centroids of dimension {q_d}, expected {nlist} of {d}")
+            reader.flat_codes(q_d, q_total)
+            if reader.read(1) != b"\x00" or reader.uint64() != 0:
+                raise reader.fail("it has a direct map, which save_index never writes")
+            if reader.read(4) != b"ilar":
+                raise reader.fail("its inverted lists are not stored in the array format")
+            if reader.uint64() != nlist:
+                raise reader.fail("its inverted lists disagree with its list count")
+            code_size = reader.uint64()
+            if code_size != 4 * d:
+                raise reader.fail(f"its code size is {code_size} bytes, expected {4 * d} (flat float vectors)")
+            layout = reader.read(4)
+            if layout == b"full":
+                if reader.uint64() != nlist:
+                    raise reader.fail("its list-size table does not have one entry per list")
+                sizes = [reader.uint64() for _ in range(nlist)]
+            elif layout == b"sprs":
+                count = reader.uint64()
+                if count % 2 or count // 2 > nlist:
+                    raise reader.fail("its sparse list-size table is malformed")
+                sizes = [0] * nlist
+                for _ in range(count // 2):
+                    list_no, list_size = reader.uint64(), reader.uint64()
+                    if list_no >= nlist:
+                        raise reader.fail(f"it names list {list_no} of {nlist}")
+                    sizes[list_no] = list_size
+            else:
+                raise reader.fail(f"its list sizes are stored as {layout!r}")
+            if sum(sizes) != ntotal:
+                raise reader.fail(f"its lists hold {sum(sizes)} vectors but its header says {ntotal}")
+            for list_size in sizes:
+                reader.skip(list_size * (code_size + 8))  # codes, then 64-bit ids
+        if reader.pos != size:
+            raise reader.fail(f"{size - reader.pos} bytes follow the index")
+    return {"d": d, "ntotal": ntotal, "kind": kind, "nlist": nlist}
+
+
+def _check_index_classes(faiss: Any, index: Any, path: str) -> None:
+    """Only the classes save_index writes: IndexFlatIP, or IndexIVFFlat over an IndexFlatIP quantizer."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIVFFlat):
+        quantizer = faiss.downcast_index(index.quantizer)
+        if type(quantizer) is faiss.IndexFlatIP:
+            return
+        raise ValueError(f"{path!r} is an IVF index over a {type(quantizer).__name__}, which save_index never writes.")
+    if type(index) is faiss.IndexFlatIP:
+        return
+    raise ValueError(f"{path!r} holds a {type(index).__name__}, which save_index never writes.")
+
+
+def _sha256(handle: Any) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_sidecar(sidecar: dict, sidecar_path: str, path: str, layout: dict[str, int]) -> None:
+    """The sidecar's fields have the types save_index writes and agree with the index file."""
+    problems = []
+    if sidecar.get("target", "images") not in ("images", "texts"):
+        problems.append(f"target is {sidecar.get('target')!r}")
+    if sidecar.get("index_type", layout["kind"]) != layout["kind"]:
+        problems.append(f"index_type is {sidecar.get('index_type')!r} but the file holds a {layout['kind']} index")
+    for key in ("nlist", "nprobe", "dim", "ntotal"):
+        value = sidecar.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            problems.append(f"{key} is {value!r}, not a non-negative integer")
+    if isinstance(sidecar.get("dim"), int) and sidecar["dim"] != layout["d"]:
+        problems.append(f"dim is {sidecar['dim']} but the index holds {layout['d']}-dimensional vectors")
+    if isinstance(sidecar.get("ntotal"), int) and sidecar["ntotal"] != layout["ntotal"]:
+        problems.append(f"ntotal is {sidecar['ntotal']} but the index holds {layout['ntotal']} vectors")
+    if layout["nlist"] is not None and isinstance(sidecar.get("nlist"), int) and sidecar["nlist"] != layout["nlist"]:
+        problems.append(f"nlist is {sidecar['nlist']} but the index has {layout['nlist']} lists")
+    if problems:
+        raise ValueError(
+            f"The sidecar {sidecar_path!r} does not describe {path!r}: {'; '.join(problems)}. The two files do not "
+            "belong together; save the index again with save_index(path)."
+        )
+    expected = sidecar.get("index_sha256")
+    if expected is not None:
+        with open(path, "rb") as handle:
+            if not isinstance(expected, str) or _sha256(handle) != expected:
+                raise ValueError(
+                    f"The index {path!r} is not the file its sidecar {sidecar_path!r} was written with (checksum "
+                    "mismatch): the pair was mixed up or one of them changed. Save the index again with save_index(path)."
+                )
+
+
+def _check_saved_ids(ids: list, sidecar_path: str) -> None:
+    seen: dict[Any, int] = {}
+    for row, item_id in enumerate(ids):
+        if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+            raise ValueError(
+                f"The sidecar {sidecar_path!r} has an id of type {type(item_id).__name__} at row {row} ({item_id!r}); "
+                "save_index writes only string and integer ids. Save the index again with save_index(path)."
+            )
+        if item_id in seen:
+            raise ValueError(
+                f"The sidecar {sidecar_path!r} lists the id {item_id!r} at rows {seen[item_id]} and {row}; ids must be "
+                "unique. Save the index again with save_index(path)."
+            )
+        seen[item_id] = row
 
 
 def _maybe_to_gpu(index: Any) -> Any:
