@@ -23,6 +23,10 @@ Sections:
              (frozen towers) and the same batches; steps run in rotating order A, B, C / B, C, A / ...
              Then a breakdown of where ClipNegTrainer's extra time goes (collation, `pair_weights`,
              the loss), and with `--profile` or a ratio above the 1.03 target a cProfile listing.
+  epoch      One training epoch with frozen towers on fashion-products train (../shared; synthetic rows in
+             --smoke): ClipNegTrainer on cached tower features (the default) against running the towers
+             every step (`cached_tower_features=False`, --tower-steps steps timed, the epoch extrapolated),
+             and mining + 10 epochs end to end, before vs after.
   retrieval  `ClipNegRetriever.index_embeddings` build time, `search_embeddings(k=10)` queries/s for
              the flat (exact) and IVF faiss indexes on clustered L2-normalised 256-d vectors, and
              recall@10 of IVF against exact.
@@ -51,6 +55,7 @@ from typing import Any, Callable
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+FASHION = HERE.parents[1] / "shared" / "data" / "fashion-products"
 TARGET_RATIO = 1.03
 
 
@@ -83,12 +88,18 @@ def device_name() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@contextlib.contextmanager
 def precision_context(precision: str):
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_name(), dtype=torch.bfloat16)
+    """Force the library's inference precision (`HF_CLIPNEG_PRECISION`, read by `encoding.autocast_dtype`)."""
+    previous = os.environ.get("HF_CLIPNEG_PRECISION")
+    os.environ["HF_CLIPNEG_PRECISION"] = precision
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_CLIPNEG_PRECISION", None)
+        else:
+            os.environ["HF_CLIPNEG_PRECISION"] = previous
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,34 +167,25 @@ def bench_mining(args: argparse.Namespace) -> None:
 def _image_pass(setup: Setup, values: list[Any], batch_size: int):
     import torch
 
+    from hf_clipneg.encoding import encode_images
     from hf_clipneg.images import to_rgb
 
-    model, device = setup.model, device_name()
     out = []
-    with torch.inference_mode():
-        for start in range(0, len(values), batch_size):
-            images = [to_rgb(v, row=start + i) for i, v in enumerate(values[start : start + batch_size])]
-            pixels = setup.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            pooled = model.vision_model(pixel_values=pixels.to(device)).pooler_output
-            out.append(pooled.reshape(len(images), -1).float().cpu())
+    for start in range(0, len(values), batch_size):
+        images = [to_rgb(v, row=start + i) for i, v in enumerate(values[start : start + batch_size])]
+        out.append(encode_images(setup.model, setup.processor.image_processor, images).cpu())
     return torch.cat(out)
 
 
 def _text_pass(setup: Setup, captions: list[str], batch_size: int):
     import torch
 
-    model, device = setup.model, device_name()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(captions), batch_size):
-            tokens = setup.processor.tokenizer(
-                captions[start : start + batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt"
-            )
-            tokens = {k: v.to(device) for k, v in tokens.items()}
-            hidden = model.text_model(**tokens).last_hidden_state.float()
-            mask = tokens["attention_mask"].unsqueeze(-1).float()
-            out.append(((hidden * mask).sum(1) / mask.sum(1)).cpu())
-    return torch.cat(out)
+    from hf_clipneg.encoding import encode_texts
+
+    return torch.cat([
+        encode_texts(setup.model, setup.processor.tokenizer, captions[start : start + batch_size]).cpu()
+        for start in range(0, len(captions), batch_size)
+    ])
 
 
 def bench_features(args: argparse.Namespace, setup: Setup) -> None:
@@ -231,7 +233,13 @@ def bench_features(args: argparse.Namespace, setup: Setup) -> None:
     )
     print(f"Cosine between bf16-autocast and fp32 features of the same rows: {agreement}.")
     print("images/s = to_rgb decode + image processor + vision tower; texts/s = tokeniser + text tower + mean "
-          "pool (the two halves of compute_features, timed apart).\n", flush=True)
+          "pool (the two halves of compute_features, through hf_clipneg.encoding, timed apart).", flush=True)
+    from hf_clipneg.encoding import autocast_dtype
+
+    chosen = "bf16" if autocast_dtype(device_name()) is not None else "fp32"
+    faster = max(precisions, key=lambda p: rates[p][1])
+    print(f"The library's own choice on this machine (no HF_CLIPNEG_PRECISION): {chosen}; measured faster for "
+          f"images here: {faster}.\n", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,7 +334,8 @@ def _build_trainers(args: argparse.Namespace, setup: Setup, output_dir: str):
         label: ClipNegTrainer(
             model=setup.model,
             args=ClipNegTrainingArguments(
-                negative_strategy="cluster_weighted", tower_training="frozen", mined_negatives_per_row=m, **common
+                negative_strategy="cluster_weighted", tower_training="frozen", mined_negatives_per_row=m,
+                cached_tower_features=False, **common
             ),
             train_dataset=mined,
             processing_class=setup.processor,
@@ -473,6 +482,76 @@ def bench_trainer(args: argparse.Namespace, setup: Setup) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Training epoch: cached tower features vs running the frozen towers
+# --------------------------------------------------------------------------------------------------
+
+
+def _epoch_data(args: argparse.Namespace, setup: Setup) -> tuple[Any, str, str]:
+    if args.smoke or not FASHION.is_dir():
+        return setup.dataset, "caption", f"{len(setup.dataset)} synthetic rows"
+    from datasets import load_dataset
+
+    splits = load_dataset("parquet", data_files={s: str(FASHION / f"{s}.parquet") for s in ("train", "validation", "test")})
+    return splits["train"], "title", f"fashion-products train ({len(splits['train'])} rows)"
+
+
+def bench_epoch(args: argparse.Namespace, setup: Setup) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from hf_clipneg.features import compute_features
+    from hf_clipneg.mining import MiningConfig, mine_negatives
+    from hf_clipneg.trainer import ClipNegTrainer
+    from hf_clipneg.training_args import ClipNegTrainingArguments
+
+    hf_logging.set_verbosity_error()
+    rows, caption_column, described = _epoch_data(args, setup)
+    batch = min(args.epoch_batch_size, len(rows))
+    sample = rows.select(range(min(args.extraction_sample, len(rows))))
+    sample_seconds, _ = timed(lambda: compute_features(sample.flatten_indices(keep_in_memory=True), setup.model,
+                                                       setup.processor, caption_column=caption_column))
+    extraction = sample_seconds / len(sample) * len(rows)
+    features_seconds, featured = timed(lambda: compute_features(rows, setup.model, setup.processor,
+                                                                caption_column=caption_column))
+    mining_seconds, (mined, _) = timed(lambda: mine_negatives(featured, MiningConfig(caption_column=caption_column)))
+    steps_per_epoch = len(mined) // batch + (len(mined) % batch > 0)
+    times = {}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for label, cached, steps in (("cached tower features", True, steps_per_epoch), ("towers run every step", False, args.tower_steps)):
+            trainer = ClipNegTrainer(
+                model=setup.model,
+                args=ClipNegTrainingArguments(
+                    output_dir=output_dir, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-3,
+                    cached_tower_features=cached, report_to="none", save_strategy="no", logging_strategy="no",
+                    disable_tqdm=True, use_cpu=device_name() == "cpu", seed=0,
+                ),
+                train_dataset=mined,
+                processing_class=setup.processor,
+            )
+            seconds, _ = timed(trainer.train)
+            times[label] = seconds / steps
+    cached_epoch = times["cached tower features"] * steps_per_epoch
+    tower_epoch = times["towers run every step"] * steps_per_epoch
+    header(f"Training epoch: {described}, {setup.towers}, frozen towers, batch {batch}, device {device_name()}")
+    table(["path", "step (ms)", "epoch (s)", "measured steps"], [
+        ["cached tower features (the default for frozen towers)", f"{times['cached tower features'] * 1e3:,.0f}",
+         f"{cached_epoch:,.1f}", steps_per_epoch],
+        ["towers run every step (before; cached_tower_features=False)", f"{times['towers run every step'] * 1e3:,.0f}",
+         f"{tower_epoch:,.1f}", f"{args.tower_steps} (epoch extrapolated)"],
+        ["cached speed-up", "", f"{tower_epoch / cached_epoch:,.1f}x", ""],
+    ])
+    before = extraction + mining_seconds + 10 * tower_epoch
+    after = extraction + mining_seconds + 10 * cached_epoch
+    print(f"Feature extraction {extraction:,.0f} s (measured on {len(sample)} rows, fp32/bf16 as the library "
+          f"chooses; this run's full call took {features_seconds:,.1f} s, i.e. served from the datasets cache when "
+          f"short), mining {mining_seconds:,.1f} s.")
+    table(["mine + 10 epochs, end to end", "seconds"], [
+        ["before (features + mining + 10 tower-path epochs)", f"{before:,.0f}"],
+        ["after (features + mining + 10 cached epochs)", f"{after:,.0f}"],
+        ["speed-up", f"{before / after:,.1f}x"],
+    ])
+
+
+# --------------------------------------------------------------------------------------------------
 # Retrieval
 # --------------------------------------------------------------------------------------------------
 
@@ -548,7 +627,7 @@ def _faiss_gpu() -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-SECTIONS = ("mining", "features", "trainer", "retrieval")
+SECTIONS = ("mining", "features", "trainer", "epoch", "retrieval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -566,6 +645,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; smoke: 1)")
     parser.add_argument("--queries", type=int, default=1000, help="retrieval queries")
+    parser.add_argument("--epoch-batch-size", type=int, default=256, help="epoch section: training batch")
+    parser.add_argument("--tower-steps", type=int, default=3, help="epoch section: timed steps of the tower path")
+    parser.add_argument("--extraction-sample", type=int, default=128, help="epoch section: rows timed for extraction")
     parser.add_argument(
         "--ivf-nlist", default="default",
         help="IVF lists: 'default' (the library's 4*sqrt(N), trained on all N vectors: slow at 1M on few cores), "
@@ -575,6 +657,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.rows, args.batch_size, args.rounds = 24, 8, 1
         args.steps, args.warmup_steps, args.micro_reps, args.profile_steps = 3, 1, 2, 1
+        args.epoch_batch_size, args.tower_steps, args.extraction_sample = 8, 2, 8
         # One thread: on a busy CI runner, tiny multi-threaded ops mostly wait on descheduled peer threads.
         args.threads = args.threads or 1
     return args
@@ -597,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     for section in args.sections:
         started = time.perf_counter()
         try:
-            if section in ("features", "trainer") and setup is None:
+            if section in ("features", "trainer", "epoch") and setup is None:
                 setup = Setup(args)
             if section == "mining":
                 bench_mining(args)
@@ -605,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench_features(args, setup)
             elif section == "trainer":
                 bench_trainer(args, setup)
+            elif section == "epoch":
+                bench_epoch(args, setup)
             else:
                 bench_retrieval(args)
         except Exception:  # report every section even if one breaks; exit non-zero at the end

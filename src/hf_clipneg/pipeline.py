@@ -65,10 +65,21 @@ def canonical_columns(config: Any) -> Any:
 class ModelArguments:
     """Which dual encoder to train: a saved one, or one built from two towers (packaged by default)."""
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "A saved VisionTextDualEncoderModel."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A saved VisionTextDualEncoderModel (e.g. one trained by hf_clipneg)."}
+    )
     vision_model: str | None = field(default=None, metadata={"help": "Vision tower (default: packaged EfficientNet-Lite0)."})
     text_model: str | None = field(default=None, metadata={"help": "Text tower (default: packaged MiniLM-L6)."})
     projection_dim: int = field(default=256)
+    text_pooling: str = field(
+        default="auto",
+        metadata={
+            "help": "How the text tower's tokens become one vector: mean (masked mean, how sentence-transformers "
+            "models such as the packaged MiniLM were trained), pooler (the tower's pooled output, e.g. CLIP text "
+            "models), or auto (the tower's sentence-transformers pooling config, else mean; CLIP/SigLIP: pooler).",
+            "choices": ["auto", "mean", "pooler"],
+        },
+    )
     tiny_random_towers: bool = field(
         default=False, metadata={"help": "Tiny random ViT+BERT towers: a seconds-long smoke run, meaningless results."}
     )
@@ -81,18 +92,20 @@ def load_model(model_args: ModelArguments) -> tuple[Any, Any]:
     Example:
         >>> model, processor = load_model(ModelArguments(tiny_random_towers=True))
         >>> type(model).__name__
-        'VisionTextDualEncoderModel'
+        'ClipNegDualEncoderModel'
     """
     if model_args.tiny_random_towers:
         from .testing import build_tiny_dual_encoder
 
         return build_tiny_dual_encoder()
     if model_args.model_name_or_path:
-        from transformers import VisionTextDualEncoderModel, VisionTextDualEncoderProcessor
+        from transformers import VisionTextDualEncoderProcessor
+
+        from .modeling import ClipNegDualEncoderModel
 
         kwargs = {"trust_remote_code": model_args.trust_remote_code}
         return (
-            VisionTextDualEncoderModel.from_pretrained(model_args.model_name_or_path, **kwargs),
+            ClipNegDualEncoderModel.from_pretrained(model_args.model_name_or_path, **kwargs),
             VisionTextDualEncoderProcessor.from_pretrained(model_args.model_name_or_path, **kwargs),
         )
     from .towers import build_dual_encoder
@@ -102,6 +115,7 @@ def load_model(model_args: ModelArguments) -> tuple[Any, Any]:
         text=model_args.text_model,
         projection_dim=model_args.projection_dim,
         trust_remote_code=model_args.trust_remote_code,
+        text_pooling=model_args.text_pooling,
     )
 
 

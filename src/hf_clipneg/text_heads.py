@@ -823,7 +823,8 @@ def _model_device(model: torch.nn.Module, device: str | torch.device | None) -> 
 @torch.no_grad()
 def encode_texts(model: Any, processor: Any, texts: Sequence[str], batch_size: int = 64,
                  device: str | torch.device | None = None, normalize: bool = True) -> torch.Tensor:
-    """Joint-space text embeddings (``get_text_features(...).pooler_output``), on the CPU.
+    """Joint-space text embeddings (``get_text_features(...).pooler_output`` of `ClipNegDualEncoderModel`, the
+    text embedding the model was trained with), on the CPU.
 
     Example:
         >>> from hf_clipneg.testing import build_tiny_dual_encoder
@@ -836,8 +837,11 @@ def encode_texts(model: Any, processor: Any, texts: Sequence[str], batch_size: i
     for row, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"Text {row} is empty or not a string ({text!r}); give every description some words.")
+    from .encoding import as_clipneg_model, text_max_length
+
+    model = as_clipneg_model(model)  # text pooled and cut as in training (config.text_pooling / text_max_length)
     device = _model_device(model, device)
-    max_length = getattr(getattr(model.config, "text_config", None), "max_position_embeddings", None)
+    max_length = text_max_length(model, getattr(processor, "tokenizer", None))
     outputs = []
     was_training = model.training
     model.eval()
@@ -1045,13 +1049,15 @@ def tldr_main(args: list[str] | None = None) -> int:
     Example:
         >>> tldr_main(["--help"])  # doctest: +SKIP
     """
-    from transformers import HfArgumentParser, VisionTextDualEncoderModel, VisionTextDualEncoderProcessor
+    from transformers import HfArgumentParser, VisionTextDualEncoderProcessor
+
+    from .modeling import ClipNegDualEncoderModel
 
     parser = HfArgumentParser(TldrArguments)
     (cli,) = parser.parse_args_into_dataclasses(args=args)
     torch.manual_seed(cli.seed)
     class_names = _check_class_names(_split_list(cli.class_names, ","))
-    model = VisionTextDualEncoderModel.from_pretrained(cli.model_name_or_path)
+    model = ClipNegDualEncoderModel.from_pretrained(cli.model_name_or_path)
     processor = VisionTextDualEncoderProcessor.from_pretrained(cli.model_name_or_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
