@@ -6,11 +6,9 @@
 Full mode, on ``../shared/data/fashion-products``:
 
 1. The packaged towers (EfficientNet-Lite0 + all-MiniLM-L6-v2) are paired by
-   ``hf_clipneg.towers.build_dual_encoder``. Its projections are random, so there is no image-text
-   alignment yet: the towers' pooled features of the training pairs are cached once (frozen
-   towers) and only ``visual_projection``/``text_projection``/``logit_scale`` are trained for a
-   few epochs of symmetric InfoNCE in plain torch. This is a quick stand-in for a trained
-   hf_clipneg model, documented as such in the output.
+   ``hf_clipneg.towers.build_dual_encoder``. Its projections are random, so they are trained first with
+   the product itself: ``ClipNegTrainer`` (vanilla InfoNCE, frozen towers, i.e. on the cached tower
+   features of ``compute_features``) on the labelled training pairs.
 2. Task A: ``article_type`` among the most frequent types. Task B: ``article_type`` among types
    sold to both men and women, with ``gender`` as the group (average and worst-group accuracy).
 3. Methods: zero-shot prompts ("a photo of a {class}."); TLDR heads trained only on templated,
@@ -22,10 +20,9 @@ Full mode, on ``../shared/data/fashion-products``:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
-import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -120,66 +117,29 @@ def run_smoke(seed: int = 0) -> list[tuple[str, str, dict]]:
 # ---------------------------------------------------------------------------------------------- full
 
 
-def load_split(data_dir: Path, split: str, types: list[str] | None = None):
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+def load_splits(data_dir: Path, model, processor) -> dict:
+    """The train and test splits with the library's tower features (`compute_features`, cached by datasets)."""
+    from datasets import load_dataset
 
-    table_ = pq.read_table(data_dir / f"{split}.parquet", columns=["image", "title", "article_type", "gender"])
-    if types is not None:
-        table_ = table_.filter(pc.is_in(table_["article_type"], value_set=__import__("pyarrow").array(types)))
-    return table_
+    from hf_clipneg.features import compute_features
 
-
-@torch.inference_mode()
-def tower_features(model, processor, table_, cache: Path, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen tower features: vision pooler_output and text pooler_output (what get_*_features project)."""
-    if cache.exists():
-        data = np.load(cache)
-        return data["image"], data["text"]
-    from tqdm.auto import tqdm
-
-    from hf_clipneg.images import to_rgb
-
-    device = next(model.parameters()).device
-    images, texts = [], []
-    titles = table_["title"].to_pylist()
-    column = table_["image"]
-    for start in tqdm(range(0, table_.num_rows, batch_size), desc=f"towers -> {cache.name}"):
-        batch = [to_rgb(v, row=start + i) for i, v in enumerate(column.slice(start, batch_size).to_pylist())]
-        pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
-        images.append(model.vision_model(pixel_values=pixel_values).pooler_output.float().cpu())
-        tokens = processor(text=titles[start:start + batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        tokens = {k: v.to(device) for k, v in tokens.items()}
-        texts.append(model.text_model(**tokens).pooler_output.float().cpu())
-    image, text = torch.cat(images).numpy(), torch.cat(texts).numpy()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, image=image, text=text)
-    return image, text
+    splits = load_dataset("parquet", data_files={s: str(data_dir / f"{s}.parquet") for s in ("train", "validation", "test")})
+    return {name: compute_features(splits[name], model, processor, caption_column="title") for name in ("train", "test")}
 
 
-def align_projections(model, image_feats: np.ndarray, text_feats: np.ndarray, epochs: int, seed: int) -> float:
-    """Symmetric InfoNCE on cached tower features, training only the projections and logit scale."""
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    params = [*model.visual_projection.parameters(), *model.text_projection.parameters(), model.logit_scale]
-    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
-    img, txt = torch.from_numpy(image_feats).to(device), torch.from_numpy(text_feats).to(device)
-    n, batch = len(img), 256
-    loss = torch.tensor(0.0)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            order = torch.randperm(n)
-            for start in range(0, n - batch + 1, batch):
-                idx = order[start:start + batch]
-                a = torch.nn.functional.normalize(model.visual_projection(img[idx]), dim=1)
-                b = torch.nn.functional.normalize(model.text_projection(txt[idx]), dim=1)
-                logits = model.logit_scale.exp().clamp(max=100) * a @ b.T
-                target = torch.arange(len(idx), device=device)
-                loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-    return float(loss.detach())
+def align_projections(model, processor, train, epochs: int, seed: int, output_dir: str) -> float:
+    """Train the projections and logit scale with the product: `ClipNegTrainer`, vanilla InfoNCE, frozen towers
+    (so on the cached tower features of `train`)."""
+    from hf_clipneg import ClipNegTrainer, ClipNegTrainingArguments
+
+    args = ClipNegTrainingArguments(
+        output_dir=output_dir, negative_strategy="vanilla", num_train_epochs=epochs, per_device_train_batch_size=256,
+        learning_rate=2e-3, weight_decay=1e-4, seed=seed, report_to="none", save_strategy="no", logging_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = ClipNegTrainer(model=model, args=args, train_dataset=train.rename_column("title", "caption"),
+                             processing_class=processor)
+    return float(trainer.train().training_loss)
 
 
 @torch.inference_mode()
@@ -196,29 +156,29 @@ def run_full(args) -> tuple[list[tuple[str, str, dict]], list[str]]:
 
     notes = []
     torch.manual_seed(args.seed)
-    train_all = load_split(args.data_dir, "train")
-    counts = pc.value_counts(train_all["article_type"]).to_pylist()
-    top = [c["values"] for c in sorted(counts, key=lambda c: -c["counts"])[: args.top_types]]
-    train = load_split(args.data_dir, "train", top)
-    test = load_split(args.data_dir, "test", top)
-    if train.num_rows > args.max_train:
-        rows = np.sort(np.random.default_rng(args.seed).choice(train.num_rows, args.max_train, replace=False))
-        train = train.take(rows)
-    notes.append(f"article types: {top}; {train.num_rows} train / {test.num_rows} test images")
-
     model, processor = build_dual_encoder(projection_dim=args.projection_dim)
-    key = hashlib.sha1(f"{args.data_dir}|{top}|{args.max_train}|{args.seed}".encode()).hexdigest()[:10]
     t0 = time.time()
-    tr_img, tr_txt = tower_features(model, processor, train, args.cache_dir / f"tldr_train_{key}.npz")
-    te_img, _ = tower_features(model, processor, test, args.cache_dir / f"tldr_test_{key}.npz")
-    notes.append(f"tower features: {time.time() - t0:.0f} s (cached in {args.cache_dir})")
+    splits = load_splits(args.data_dir, model, processor)
+    notes.append(f"tower features: {time.time() - t0:.0f} s (hf_clipneg.features.compute_features, datasets cache)")
+    counts = pc.value_counts(splits["train"].data.column("article_type")).to_pylist()
+    top = [c["values"] for c in sorted(counts, key=lambda c: -c["counts"])[: args.top_types]]
+    keep = set(top)
+    train = splits["train"].filter(lambda t: t in keep, input_columns="article_type")
+    test = splits["test"].filter(lambda t: t in keep, input_columns="article_type")
+    if len(train) > args.max_train:
+        train = train.select(np.sort(np.random.default_rng(args.seed).choice(len(train), args.max_train, replace=False)))
+    notes.append(f"article types: {top}; {len(train)} train / {len(test)} test images")
+    tr_img = np.asarray(train.with_format("numpy")["image_features"], dtype=np.float32)
+    te_img = np.asarray(test.with_format("numpy")["image_features"], dtype=np.float32)
     t0 = time.time()
-    final = align_projections(model, tr_img, tr_txt, args.epochs, args.seed)
-    notes.append(f"projection alignment: {args.epochs} epochs InfoNCE on cached features, {time.time() - t0:.0f} s, final loss {final:.3f}")
+    with tempfile.TemporaryDirectory() as output_dir:
+        final = align_projections(model, processor, train, args.epochs, args.seed, output_dir)
+    notes.append(f"projection alignment: ClipNegTrainer, vanilla, {args.epochs} epochs on cached tower features, "
+                 f"{time.time() - t0:.0f} s, mean training loss {final:.3f}")
     model.eval()
 
     train_joint, test_joint = joint(model, tr_img), joint(model, te_img)
-    title_joint = encode_texts(model, processor, train["title"].to_pylist(), batch_size=128).numpy()
+    title_joint = encode_texts(model, processor, list(train["title"]), batch_size=128).numpy()
     gap = modality_gap(train_joint, title_joint)
     notes.append(f"modality gap on train pairs: norm {gap.norm:.3f}, explained variance {gap.explained_variance:.3f}")
     projector = ImageSpaceProjector().fit(train_joint, tr_img, gap.vector, alpha=args.alpha)
@@ -226,8 +186,8 @@ def run_full(args) -> tuple[list[tuple[str, str, dict]], list[str]]:
 
     rows = []
     tasks = {"A: article type": (top, None)}
-    train_types, test_types = train["article_type"].to_pylist(), test["article_type"].to_pylist()
-    train_gender, test_gender = train["gender"].to_pylist(), test["gender"].to_pylist()
+    train_types, test_types = list(train["article_type"]), list(test["article_type"])
+    train_gender, test_gender = list(train["gender"]), list(test["gender"])
     both = [t for t in top if sum(1 for a, g in zip(test_types, test_gender) if a == t and g == "Men") >= 5
             and sum(1 for a, g in zip(test_types, test_gender) if a == t and g == "Women") >= 5]
     if len(both) >= 2:
@@ -270,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="synthetic embeddings only (seconds)")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("HF_CLIPNEG_CACHE", Path.home() / ".cache" / "hf_clipneg")) / "bench")
     parser.add_argument("--top-types", type=int, default=12)
     parser.add_argument("--max-train", type=int, default=3000, help="labelled train pairs used (alignment + probe)")
     parser.add_argument("--projection-dim", type=int, default=128)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -97,9 +98,10 @@ def tag_table(titles: list[str], max_tags: int, phrases: bool) -> tuple[list[str
 
 
 def prepare(model, processor, train: dict, test: dict, attributes: list[str], max_tags: int, cache: Path | None) -> dict:
-    """All frozen tower outputs the runs need, cached in one .pt file."""
-    if cache is not None and cache.exists():
-        return torch.load(cache, weights_only=False)
+    """All frozen tower outputs the runs need, cached as tensors only (safetensors + a JSON sidecar for the
+    strings and numbers), so a planted cache file can hold data but never run code."""
+    if cache is not None and cache.exists() and cache.with_suffix(".json").exists():
+        return _load_cache(cache)
     started = time.time()
     data: dict = {}
     data["train_pooled"], data["train_hidden"] = image_tower(model, processor, train["image"], desc="train images")
@@ -120,9 +122,22 @@ def prepare(model, processor, train: dict, test: dict, attributes: list[str], ma
     data["value_feats"] = text_tower(model, processor, [f"a photo of a {v.lower()}" for v in values], desc="prompts")
     data["tower_seconds"] = time.time() - started
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data, cache)
+        _save_cache(data, cache)
     return data
+
+
+def _save_cache(data: dict, cache: Path) -> None:
+    from safetensors.torch import save_file
+
+    cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    save_file({k: v.contiguous() for k, v in data.items() if isinstance(v, torch.Tensor)}, str(cache))
+    cache.with_suffix(".json").write_text(json.dumps({k: v for k, v in data.items() if not isinstance(v, torch.Tensor)}))
+
+
+def _load_cache(cache: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {**load_file(str(cache)), **json.loads(cache.with_suffix(".json").read_text())}
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -256,7 +271,7 @@ def run(args) -> tuple[list[tuple[str, dict]], list[str]]:
         test = load_fashion(args.data_dir, "test", None, args.seed)
         attributes = FASHION_ATTRIBUTES
         key = hashlib.sha1(f"{args.data_dir}|{args.max_train}|{args.seed}|{args.max_tags}|v1".encode()).hexdigest()[:10]
-        cache = args.cache_dir / f"ttd_{key}.pt"
+        cache = args.cache_dir / f"ttd_{key}.safetensors"
         notes.append(f"fashion-products: {len(train['title'])} train pairs (subset), {len(test['title'])} test images")
     model.eval().requires_grad_(False)
     for p in [*model.visual_projection.parameters(), *model.text_projection.parameters(), model.logit_scale]:

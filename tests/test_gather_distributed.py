@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,3 +125,31 @@ def test_plain_gather_keeps_the_local_graph_and_local_weights_are_refused(distri
         assert result["no_grad_gather"]["local_grad"] == expected
         message = result["local_weights_error"]
         assert "(4, 4), expected (8, 8)" in message and "GLOBAL" in message
+
+
+TRAINER_SCRIPT = Path(__file__).parent / "scripts" / "trainer_two_processes.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["cached", "towers"])
+def test_trainer_on_two_processes_equals_one_process_on_the_global_batch(tmp_path, path):
+    """`accelerate launch --multi_gpu --num_processes 2` with `use_cpu=True` really runs 2 CPU processes; 2 steps of
+    per-device batch 4 train the same projections as one process with batch 8 (the global-batch gather)."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("the accelerate CLI is not installed")
+    env = _clean_env(tmp_path / "hf_home")
+    runs = {
+        "two": [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                str(TRAINER_SCRIPT), str(tmp_path), "two", path, "4"],
+        "one": [sys.executable, str(TRAINER_SCRIPT), str(tmp_path), "one", path, "8"],
+    }
+    for name, command in runs.items():
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+        assert done.returncode == 0, f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    two, one = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("two", "one"))
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    np.testing.assert_allclose(two["losses"], one["losses"], atol=TOLERANCE)
+    for name, weight in one["projections"].items():
+        np.testing.assert_allclose(two["projections"][name], weight, atol=TOLERANCE, err_msg=name)

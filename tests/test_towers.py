@@ -256,6 +256,12 @@ def test_packaged_dual_encoder_round_trip(lite0_dir, photos, tmp_path):
     normalise = torch.nn.functional.normalize
     torch.testing.assert_close(normalise(plain_image, dim=-1), normalise(image_emb, dim=-1), rtol=0, atol=1e-5)
     assert (normalise(plain_text, dim=-1) * normalise(text_emb, dim=-1)).sum(-1).max() < 0.99
+    # README's recipe for the trained text embedding with transformers alone.
+    with torch.no_grad():
+        states = plain.text_model(input_ids=rebatch["input_ids"], attention_mask=rebatch["attention_mask"]).last_hidden_state
+        mask = rebatch["attention_mask"].unsqueeze(-1).float()
+        by_hand = plain.text_projection(normalise((states * mask).sum(1) / mask.sum(1), dim=-1))
+    torch.testing.assert_close(normalise(by_hand, dim=-1), normalise(text_emb, dim=-1), rtol=0, atol=1e-5)
 
 
 @pytest.fixture
