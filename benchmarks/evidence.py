@@ -7,7 +7,7 @@ Over all pairs of distinct training rows: `flagged` = share of pairs a rule flag
 share of flagged pairs whose products share the category (`--category-columns`, default article_type +
 base_colour + gender), `recall` = share of same-category pairs flagged. Masking a flagged pair helps only if it
 is a real duplicate; `benchmarks/quality.py` measures what masking does to retrieval. Features: the packaged
-frozen towers (the cache of quality.py), plus a colour histogram of each image (8 hues x 3 saturations x 3
+frozen towers through `hf_clipneg.features.compute_features` (its datasets cache, shared with quality.py), plus a colour histogram of each image (8 hues x 3 saturations x 3
 values over non-white pixels, square-rooted) as a cheap colour-aware image signal, and TF-IDF vectors of the
 caption's tags (`hf_clipneg.tags.extract_tags`).
 """
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality as QQ  # noqa: E402
+import _quality_lib as Q  # noqa: E402
 
 logger = logging.getLogger("evidence")
 
@@ -73,7 +73,7 @@ def mutual_nn(similarity: torch.Tensor, k: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(QQ.DEFAULT_DATA))
+    p.add_argument("--data", default=str(Q.DEFAULT_DATA))
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default="title")
     p.add_argument("--category-columns", default="article_type,base_colour,gender")
@@ -81,27 +81,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for noisy in ("transformers", "datasets", "hf_clipneg", "faiss", "quality"):
+    for noisy in ("transformers", "datasets", "hf_clipneg", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from hf_clipneg.clustering import cluster_features
+    from hf_clipneg.features import IMAGE_FEATURES, TEXT_FEATURES
+    from hf_clipneg.metrics import groups_from_captions
+
     started = time.perf_counter()
-    qargs = QQ.parse_args(["--data", args.data, "--image-column", args.image_column, "--caption-column",
-                           args.caption_column, "--category-columns", args.category_columns, "--depths", "frozen",
-                           "--description-templates", ""] + (["--smoke"] if args.smoke else []))
-    data, _, _ = QQ.prepare(qargs)
-    splits = QQ.smoke_splits()[0] if args.smoke else QQ.Q.load_splits(args.data)
-    train = data["train"]
-    category = torch.as_tensor(train.row_category)
-    if (category < 0).any():
+    if args.smoke:
+        from hf_clipneg.testing import build_tiny_dual_encoder
+
+        raw = Q.smoke_splits()
+        args.image_column, args.caption_column, args.category_columns = "image", "caption", "shape,colour"
+        model, processor = build_tiny_dual_encoder()
+    else:
+        from hf_clipneg.towers import build_dual_encoder
+
+        raw = Q.load_splits(args.data)
+        model, processor = build_dual_encoder(device="cpu")
+    # the exact call quality.py and a user make, so the datasets cache of the features is shared
+    train = Q.featured_splits({"train": raw["train"]}, model, processor, args.image_column, args.caption_column)["train"]
+    category_columns = [c.strip() for c in args.category_columns.split(",") if c.strip()]
+    if not category_columns:
         raise ValueError("Every training row needs a category (--category-columns) to measure precision.")
-    n = train.n_rows
-    image = F.normalize(train.image_pooled, dim=-1)[train.row_image]
-    text = F.normalize(train.text_pooled, dim=-1)[train.row_text]
-    colour = colour_histograms(QQ.Q.LazyColumn(splits["train"], qargs.image_column))[train.row_image]
-    captions = [train.texts[i] for i in train.row_text.tolist()]
+    category = torch.as_tensor(Q.codes(Q.category_keys(train, category_columns)))
+    n = len(train)
+    columns = train.select_columns([IMAGE_FEATURES, TEXT_FEATURES]).with_format("numpy")[:]
+    image = F.normalize(torch.as_tensor(np.asarray(columns[IMAGE_FEATURES], dtype=np.float32)), dim=-1)
+    text = F.normalize(torch.as_tensor(np.asarray(columns[TEXT_FEATURES], dtype=np.float32)), dim=-1)
+    source = raw["train"]
+    colour = colour_histograms(source[i][args.image_column] for i in range(n))
+    captions = list(train[args.caption_column])
     tfidf = tag_tfidf(captions)
     k = min(args.k, max(2, n // 20)) if args.smoke else args.k
-    cluster = QQ.EvidenceBuilder(train).labels("image", k)[train.row_image]
-    caption_code = torch.as_tensor(QQ.Q.codes([QQ.Q.normalise_text(c) for c in captions]))
+    labels, _ = cluster_features(image.numpy(), k, seed=0)
+    cluster = torch.as_tensor(labels)
+    caption_code = torch.as_tensor(groups_from_captions(captions))
 
     off = ~torch.eye(n, dtype=torch.bool)
     same = (category[:, None] == category[None, :]) & off
@@ -131,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Label-free duplicate evidence on `{'synthetic (--smoke)' if args.smoke else args.data}` train: {n} rows, "
         f"{n_pairs:,} ordered pairs, same-category base rate {100 * n_same / n_pairs:.3f}% "
-        f"(category = {qargs.category_columns}); {time.perf_counter() - started:.0f} s.",
+        f"(category = {args.category_columns}); {time.perf_counter() - started:.0f} s.",
         "",
         "| rule | flagged | precision | recall |",
         "|---|---|---|---|",

@@ -1,53 +1,113 @@
-"""Retrieval quality of hf_clipneg's negative strategies on real product data (or any image-caption data).
+"""Retrieval quality of hf_clipneg's negative strategies on real product data, trained by the product itself.
 
     python benchmarks/quality.py --smoke          # tiny random towers, synthetic data, seconds (CI)
-    python benchmarks/quality.py                  # fashion-products (../shared), 2 CPU cores
+    python benchmarks/quality.py                  # fashion-products (../shared), ~35 min on 2 CPU cores
     python benchmarks/quality.py --data user/ds --image-column img --caption-column text --category-columns ""
 
-What it does (every choice on `validation`, `test` is only reported):
+Every run is the library's own path, nothing else:
 
-1. Tower features: the packaged EfficientNet-Lite0 + MiniLM (`hf_clipneg.towers.build_dual_encoder()`) run once
-   over every image and distinct text; pooled outputs and the INPUTS of each tower's last block are cached
-   under `$HF_CLIPNEG_CACHE/benchmarks` (default `~/.cache/hf_clipneg/benchmarks`).
-2. Regimes: `single` (one caption per image, shuffled batches), `crowdedNN` (the same rows, but NN% of each
-   batch drawn from a stream sorted by image k-means group: batches crowded with similar products, like a data
-   set of one kind of product or shards sorted by category) and `many` (caption + attribute-built descriptions,
-   each a row: many texts per image, like many reviews per product); the in-batch false-negative rate of each
-   is measured.
-3. Depths: `frozen` (linear heads + logit scale on pooled features) and `partial` (the frozen schedule, then
-   --partial-extra-steps more that also train the top conv stage of EfficientNet (and with --train-vision-block
-   its last MBConv block) and the last MiniLM layer, on the cached block inputs, bf16 autocast; the tower
-   learning rate is chosen by vanilla on validation from --tower-lrs).
-4. Steps: chosen by `vanilla` on validation (category R@1, or instance R@1 without categories).
-5. Sweep on validation of label-free rules (hf_clipneg.mining.pair_weights + benchmark variants), then the
-   final strategies on test: vanilla, random, cluster, cluster_weighted, default (the validation winner),
-   random@default, oracle (group rule fed the true category), 3 seeds, mean +- std.
+    model, processor = build_dual_encoder()                                  # after torch.manual_seed(seed)
+    featured = compute_features(split, model, processor, caption_column=...) # datasets cache, once per machine
+    mined, stats = mine_negatives(featured, MiningConfig(...))                # one per rule and training set
+    trainer = ClipNegTrainer(model, ClipNegTrainingArguments(...), train_dataset=mined,
+                             eval_dataset={"validation": ..., "test": ...}, processing_class=processor)
+    trainer.train(); trainer.evaluate(...)                                   # both relevance protocols
 
-Outputs in --output-dir (default benchmarks/results): quality_results.json (raw per-seed numbers, sweep,
-settings), quality_tables.md, quality_gain_vs_fn.png, quality.log.
+The towers stay frozen (`tower_training="frozen"`, the default), so the trainer trains the projections and the
+logit scale on the cached tower features by itself. A row of the tables is reproduced by those calls with the
+settings below (the benchmark renames the caption column to `caption` and adds an int `category` column after
+`compute_features`; nothing else touches the data).
+
+Settings (all through public options): packaged EfficientNet-Lite0 + all-MiniLM-L6-v2 towers, text mean-pooled
+(`config.text_pooling="mean"`), captions cut at 64 tokens; projections 256-d initialised by
+`torch.manual_seed(seed); build_dual_encoder()`; `ClipNegTrainingArguments` defaults except learning_rate 1e-3,
+weight_decay 0.01, per_device_train_batch_size 256, max_steps (chosen below), seed; so AdamW, linear decay to 0,
+no warm-up, `max_logit_scale` 100, `mined_negatives_per_row` 0. One torch thread per process; `--workers`
+processes run in parallel.
+
+Steps:
+
+1. Features: `compute_features` on each raw split (exactly the call above, so its datasets cache is hit).
+2. Regimes: `single` (one caption per image, shuffled batches), `crowdedNN` (the same rows with
+   `train_sampler="crowded"`, `crowded_share` NN/100, groups = image k-means k=32 via
+   `hf_clipneg.clustering.cluster_features` in the `crowd_group` column: batches crowded with similar products,
+   like a one-category shop or category-sorted shards) and `many` (the caption plus one row per attribute-built
+   description of the product, same image: many texts per image, like reviews; the new rows get their features
+   from `compute_features(rows, ..., known=featured_train)`). The in-batch false-negative rate of each regime is
+   measured on the batches the trainer trains on: its samplers are reproduced with the same seed
+   (`_quality_lib.sampler_batches`; tests/test_benchmark_batches.py checks them against the trainer's batches),
+   over every step of every seed.
+3. Rules, mined once per training set: the paper's `MiningConfig(strategy="cluster", evidence="image_cluster",
+   n_image_clusters=128)` (serves `vanilla`, `random` (the paper's control: drops the share of pairs the cluster
+   rule flags), `cluster` and `cluster_weighted` through `ClipNegTrainingArguments(negative_strategy=...)`, the
+   trainer's documented override), the library default `MiningConfig()` (`default`) and the oracle
+   `MiningConfig(evidence="group", group_column="category")` on the true category codes (`oracle`). The share of
+   each strategy's masked in-batch pairs and their precision (same category) are measured with
+   `hf_clipneg.mining.pair_weights` on the first 40 training batches of seed 0.
+4. Steps: per regime, vanilla trains for each of --step-candidates steps (separate runs: the linear schedule
+   depends on max_steps) and the count with the best mean validation category t->i R@1 (instance R@1 without
+   categories) is every strategy's budget in that regime. Those vanilla runs are the vanilla rows of the tables.
+5. Test: every strategy, --seeds seeds (same initialisation and batch order per seed for every strategy);
+   mean +- std over seeds and deltas paired with vanilla; "share" = share of the oracle's gain, printed only where
+   the oracle's gain exceeds its own std. Relevance: `category` = an image with the query product's
+   article_type, base_colour and gender (`retrieval_group_column="category"`); `instance` = an image with exactly
+   the query's caption (the trainer's default).
+6. Text embedding: vanilla in the `single` regime at its chosen steps with every other --text-pooling
+   (`build_dual_encoder(text_pooling="pooler")`: BERT's CLS pooler, what a plain VisionTextDualEncoderModel
+   uses), on validation. Its image features are taken from the mean-pooled run through `compute_features(...,
+   known=...)` (the vision tower is the same) and only its texts are embedded.
+
+Depths: only `frozen`. `--depths partial` is refused: partial depth runs the towers on every step (no cached
+features), hours on 2 CPU cores for this grid.
+
+Outputs in --output-dir (default benchmarks/results): quality_results.json (per-seed numbers, settings, mining
+statistics, timings), quality_tables.md (the tables the README shows), quality_gain_vs_fn.png (gain over vanilla
+against the in-batch false-negative rate), quality.log.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _quality_lib as Q  # noqa: E402
 
 logger = logging.getLogger("quality")
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-products"
+REPO = Q.REPO
+DEFAULT_DATA = Q.DEFAULT_DATA
+
+#: strategy -> (mined rule it trains on, ClipNegTrainingArguments.negative_strategy; None = the rule's own)
+STRATEGIES = {
+    "vanilla": (None, "vanilla"),  # no mining needed: the featured training set
+    "random": ("paper", "random"),
+    "cluster": ("paper", "cluster"),
+    "cluster_weighted": ("paper", "cluster_weighted"),
+    "default": ("default", None),
+    "oracle": ("oracle", None),
+}
+LABELS = {
+    "vanilla": "vanilla",
+    "random": "random (paper's control)",
+    "cluster": "cluster (paper, image k-means k={k})",
+    "cluster_weighted": "cluster_weighted (paper's full rule)",
+    "default": "**default** (`MiningConfig()`)",
+    "oracle": "oracle (mask same category)",
+}
+PROTOCOLS = {"cat": Q.CATEGORY, "inst": None}  # name -> retrieval_group_column
+MEASURE_BATCHES = 40
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,279 +118,343 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--category-columns", default="article_type,base_colour,gender",
                    help="comma-separated columns defining the category protocol and the oracle ('' = none)")
     p.add_argument("--description-templates", default="|".join(Q.DESCRIPTION_TEMPLATES),
-                   help="'|'-separated templates over columns for the many-texts regime ('' = skip that regime)")
+                   help="'|'-separated templates over columns for the many-texts regime")
+    p.add_argument("--regimes", default="single,crowded50,crowded100,many",
+                   help="single, crowdedNN (NN%% of each batch from the group-sorted stream), many")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--step-candidates", default="120,240,360",
+                   help="max_steps vanilla tries per regime; the best on validation is every strategy's budget")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-steps", type=int, default=480, help="vanilla is evaluated up to this many steps")
-    p.add_argument("--tower-lrs", default="1e-5,3e-5,1e-4",
-                   help="learning rates of the tower blocks at partial depth; vanilla picks one on validation")
-    p.add_argument("--partial-extra-steps", type=int, default=96,
-                   help="partial runs: the frozen schedule, then this many steps that also train the towers' last blocks")
-    p.add_argument("--train-vision-block", action="store_true",
-                   help="partial: also train Lite0's last MBConv block (4x slower on CPU), not only its top conv stage")
-    p.add_argument("--partial-strategies", default="vanilla,cluster_weighted,default,oracle",
-                   help="strategies run at partial depth ('all' = every strategy)")
-    p.add_argument("--depths", default="frozen,partial")
-    p.add_argument("--partial-regimes", default="single,many", help="regimes run at partial depth (partial is costly on CPU)")
-    p.add_argument("--crowded-mixes", default="0.5,1.0",
-                   help="crowded regimes: shares of each batch drawn from the group-sorted stream ('' = none)")
-    p.add_argument("--crowding-groups", type=int, default=32, help="k of the image k-means groups that sort the stream")
-    p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
-    p.add_argument("--clustering-backend", default="kmeans", choices=["kmeans", "cpp"],
-                   help="backend of the image clusters of the paper's rule (MiningConfig.clustering_backend)")
-    p.add_argument("--no-sweep", action="store_true", help="skip the validation sweep (use --default-variant)")
-    p.add_argument("--default-variant", default=None, help="name of the sweep variant to use as `default`")
-    p.add_argument("--smoke", action="store_true", help="tiny random towers + synthetic data, a few seconds")
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--paper-clusters", type=int, default=128, help="k of the paper rule's image k-means")
+    p.add_argument("--crowding-groups", type=int, default=32, help="k of the image k-means groups of crowded batches")
+    p.add_argument("--text-pooling", default="mean,pooler",
+                   help="first: the text pooling of every run; the others: vanilla on validation for comparison")
+    p.add_argument("--depths", default="frozen", help="only 'frozen' (partial depth runs the towers every step)")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 torch thread each)")
-    p.add_argument("--sweep-seeds", type=int, default=2, help="seeds per variant in the validation sweep")
-    p.add_argument("--partial-seeds", type=int, default=3, help="seeds of partial-depth runs (costly on CPU)")
+    p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--smoke", action="store_true", help="tiny random towers + synthetic data, seconds")
     return p.parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------------
-# Data and features
+# Preparation: towers, features, regimes, mined rules
 # --------------------------------------------------------------------------------------------------
 
 
-def smoke_splits() -> tuple[dict[str, Any], argparse.Namespace | None]:
-    from hf_clipneg.synthetic import make_synthetic_splits
+def build_towers(smoke: bool, pooling: str) -> tuple[Any, Any]:
+    if smoke:
+        from hf_clipneg.testing import build_tiny_dual_encoder
 
-    splits = make_synthetic_splits(num_train=192, num_eval=48, seed=0, image_size=32, num_objects=12)
-    return {name: splits[name] for name in ("train", "validation", "test")}, None
+        model, processor = build_tiny_dual_encoder()
+        model.config.text_pooling = pooling
+        return model, processor
+    from hf_clipneg.towers import build_dual_encoder
 
-
-def build_split(dataset: Any, image_feats: dict, text_index: dict[str, int], text_feats: dict, caption_column: str,
-                categories: list, templates: list[str], many: bool, skipped: dict[str, int]) -> Q.SplitData:
-    captions = dataset[caption_column]
-    rows_image, rows_text, rows_cat = [], [], []
-    cat_codes = Q.codes(categories) if categories[0] is not None else np.full(len(dataset), -1)
-    records = dataset.remove_columns([c for c in dataset.column_names if c == "image" or c == caption_column]).to_list() if many else None
-    for i, caption in enumerate(captions):
-        texts = [caption]
-        if many:
-            extra = Q.build_descriptions(records[i], templates)
-            skipped["descriptions"] += len(templates) - len(extra)
-            texts += extra
-        for text in texts:
-            rows_image.append(i)
-            rows_text.append(text_index[text])
-            rows_cat.append(cat_codes[i])
-    title_codes = Q.codes([Q.normalise_text(c) for c in captions])
-    return Q.SplitData(
-        image_pooled=image_feats["pooled"], image_block=image_feats.get("block_in"),
-        text_pooled=text_feats["pooled"], text_block=text_feats.get("block_in"), text_mask=text_feats.get("mask"),
-        row_image=torch.as_tensor(rows_image), row_text=torch.as_tensor(rows_text), texts=text_feats["texts"],
-        row_category=np.asarray(rows_cat, dtype=np.int64), image_title=title_codes, image_category=np.asarray(cat_codes),
-    )
+    return build_dual_encoder(device="cpu", text_pooling=pooling)
 
 
-def prepare(args: argparse.Namespace) -> tuple[dict[str, Q.SplitData], Q.Towers, dict[str, Any]]:
-    if args.smoke:
-        splits, _ = smoke_splits()
-        args.caption_column, args.image_column = "caption", "image"
-        args.category_columns = "shape,colour"
-        args.description_templates = "{colour} {shape}|a {size} {colour} {shape}"
+PROJECTION_STATE = ("visual_projection.weight", "text_projection.weight", "logit_scale")
+
+
+def initial_state(seed: int, pooling: str, smoke: bool, base: Any) -> dict[str, torch.Tensor]:
+    """The projections and logit scale of `torch.manual_seed(seed); build_dual_encoder(text_pooling=pooling)`
+    (`--smoke`: the tiny towers' projections re-initialised after `torch.manual_seed(seed)`)."""
+    if smoke:
+        torch.manual_seed(seed)
+        model = base
+        model.visual_projection.reset_parameters()
+        model.text_projection.reset_parameters()
+        with torch.no_grad():
+            model.logit_scale.fill_(model.config.logit_scale_init_value)
     else:
-        splits = Q.load_splits(args.data)
-    towers = Q.load_towers(tiny=args.smoke)
-    for name, ds in splits.items():
-        for column in (args.image_column, args.caption_column):
-            if column not in ds.column_names:
-                raise KeyError(f"{name} split has no column {column!r} (columns: {ds.column_names}).")
-    templates = [t for t in args.description_templates.split("|") if t.strip()]
-    category_columns = [c.strip() for c in args.category_columns.split(",") if c.strip()]
-    cache = Q.cache_root() if not args.smoke else Path(os.environ.get("TMPDIR", "/tmp")) / "hf_clipneg_quality_smoke"
-    image_feats, categories, all_texts = {}, {}, []
-    for name, ds in splits.items():
-        key = Q.split_key(args.data if not args.smoke else "smoke", name, ds, args.image_column, args.caption_column)
-        t0 = time.perf_counter()
-        image_feats[name] = Q.extract_image_features(
-            towers, Q.LazyColumn(ds, args.image_column), cache / f"{name}-{key}-{towers.key}-image.pt", desc=name)
-        logger.info("%s: image features %s ready in %.1fs", name, tuple(image_feats[name]["pooled"].shape), time.perf_counter() - t0)
-        categories[name] = Q.category_keys(ds, category_columns)
-        all_texts += list(ds[args.caption_column])
-        if templates and name == "train":
-            for record in ds.remove_columns([args.image_column]).to_list():
-                all_texts += Q.build_descriptions(record, templates)
-    if "partial" in args.depths:
-        for name, ds in splits.items():
-            key = Q.split_key(args.data if not args.smoke else "smoke", name, ds, args.image_column, args.caption_column)
-            t0 = time.perf_counter()
-            image_feats[name] = Q.partial_inputs(
-                towers, image_feats[name], cache / f"{name}-{key}-{towers.key}-partial-{int(args.train_vision_block)}.pt",
-                args.train_vision_block)
-            logger.info("%s: partial-depth inputs ready in %.1fs", name, time.perf_counter() - t0)
-    distinct = sorted(set(all_texts))
-    text_key = Q.digest(Q.CACHE_VERSION, towers.key, distinct)
-    t0 = time.perf_counter()
-    text_feats = Q.extract_text_features(towers, distinct, cache / f"texts-{text_key}-{towers.key}.pt")
-    logger.info("text features of %d distinct texts ready in %.1fs", len(distinct), time.perf_counter() - t0)
-    if "partial" in args.depths:
-        pooled = Q.partial_text_pooled(towers, text_feats)
-        cos = F.cosine_similarity(pooled, text_feats["pooled"], dim=-1)
-        logger.info("text pooled via cached last-layer inputs (bf16) vs fp32 tower: cosine min %.4f mean %.4f",
-                    float(cos.min()), float(cos.mean()))
-        text_feats = {**text_feats, "pooled": pooled}
-    index = {t: i for i, t in enumerate(text_feats["texts"])}
-    skipped = {"descriptions": 0}
-    data = {}
-    for name in ("train", "validation", "test"):
-        data[name] = build_split(splits[name], image_feats[name], index, text_feats, args.caption_column,
-                                 categories[name], templates, False, skipped)
-    if templates:
-        data["train_many"] = build_split(splits["train"], image_feats["train"], index, text_feats, args.caption_column,
-                                         categories["train"], templates, True, skipped)
-    info = {"n_distinct_texts": len(distinct), "skipped_descriptions": skipped["descriptions"],
-            "category_columns": category_columns, "templates": templates,
-            "rows": {k: v.n_rows for k, v in data.items()}}
-    if skipped["descriptions"]:
-        logger.warning("%d descriptions skipped (missing attribute values)", skipped["descriptions"])
-    return data, towers, info
+        from hf_clipneg.towers import build_dual_encoder
+
+        torch.manual_seed(seed)
+        model, _ = build_dual_encoder(device="cpu", text_pooling=pooling)
+    state = model.state_dict()
+    return {name: state[name].detach().clone() for name in PROJECTION_STATE}
 
 
-# --------------------------------------------------------------------------------------------------
-# Evidence and variants
-# --------------------------------------------------------------------------------------------------
+def other_pooling_features(raw: dict, featured: dict, model: Any, processor: Any, image_column: str,
+                           caption_column: str, splits=("train", "validation")) -> dict:
+    """`compute_features` of `raw` splits for `model` (same towers, other text pooling), reusing the image
+    features of `featured` (the vision tower and processor are the same, so the image features are too).
+
+    `compute_features(known=...)` accepts only a dataset with the same stored provenance, and the text pooling is
+    part of it; so `known` is `featured` with the provenance `compute_features` writes for `model` (taken from a
+    one-row call) and placeholder captions, so that no text feature is reused. Only the texts are embedded."""
+    from hf_clipneg.features import compute_features
+
+    probe = compute_features(raw["validation"].select([0]), model, processor, image_column=image_column,
+                             caption_column=caption_column)
+    out = {}
+    for split in splits:
+        n = len(featured[split])
+        known = featured[split].remove_columns([caption_column]).add_column(
+            caption_column, [f"\u0000placeholder {i}" for i in range(n)])
+        known.info.description = probe.info.description
+        out[split] = compute_features(raw[split], model, processor, image_column=image_column,
+                                      caption_column=caption_column, known=known)
+    return out
 
 
-class EvidenceBuilder:
-    """Per-row evidence tensors for pair_weights, with k-means labels cached per k."""
-
-    def __init__(self, train: Q.SplitData, seed: int = 0, backend: str = "kmeans") -> None:
-        from hf_clipneg.clustering import cluster_features
-
-        self.train, self.seed = train, seed
-        self._kmeans = lambda feats, k, seed: cluster_features(feats, k, backend=backend, seed=seed)
-        self.image_features = F.normalize(train.image_pooled, dim=-1)
-        self.text_features = F.normalize(train.text_pooled, dim=-1)
-        used_texts = torch.unique(train.row_text)
-        self.used_texts = used_texts
-        self.text_code = torch.as_tensor(Q.codes([Q.normalise_text(t) for t in train.texts]))
-        self._labels: dict[tuple[str, int], torch.Tensor] = {}
-
-    def labels(self, modality: str, k: int) -> torch.Tensor:
-        if (modality, k) not in self._labels:
-            if modality == "image":
-                feats = self.image_features.numpy()
-                k_eff = min(k, len(feats))
-                lab, _ = self._kmeans(feats, k_eff, seed=self.seed)
-                self._labels[(modality, k)] = torch.as_tensor(lab)
-            else:
-                feats = self.text_features[self.used_texts].numpy()
-                lab, _ = self._kmeans(feats, min(k, len(feats)), seed=self.seed)
-                full = torch.full((len(self.text_features),), -1, dtype=torch.long)
-                full[self.used_texts] = torch.as_tensor(lab)
-                self._labels[(modality, k)] = full
-        return self._labels[(modality, k)]
-
-    def build(self, variant: dict[str, Any]) -> dict[str, torch.Tensor]:
-        t = self.train
-        ev = {
-            "row_id": torch.arange(t.n_rows),
-            "image_features": self.image_features[t.row_image],
-            "text_features": self.text_features[t.row_text],
-        }
-        if variant.get("k_img"):
-            ev["image_cluster"] = self.labels("image", variant["k_img"])[t.row_image]
-        if variant.get("k_txt"):
-            ev["text_cluster"] = self.labels("text", variant["k_txt"])[t.row_text]
-        if variant.get("group") == "text":
-            ev["group"] = self.text_code[t.row_text]
-        elif variant.get("group") == "category":
-            ev["group"] = torch.as_tensor(t.row_category)
-        return ev
+def regime_spec(name: str) -> dict[str, Any]:
+    if name == "single":
+        return {"train_key": "train", "sampler": "random", "share": None}
+    if name == "many":
+        return {"train_key": "many", "sampler": "random", "share": None}
+    if name.startswith("crowded") and name[7:].isdigit() and 0 < int(name[7:]) <= 100:
+        return {"train_key": "train", "sampler": "crowded", "share": int(name[7:]) / 100}
+    raise ValueError(f"Unknown regime {name!r}: use single, many or crowdedNN with NN in 1..100.")
 
 
-def sweep_variants(has_category: bool, smoke: bool) -> list[dict[str, Any]]:
-    """The validation sweep: paper-literal rules, pair-level near-certain evidence, the paper's rules gated by
-    batch crowding, then the oracle. (Dropped after an earlier full run lost on validation in every regime:
-    weight_power 4 (-3.0 / -3.4 cat R@1), caption-or-image evidence downweighted with power 2 (-1.1 / -1.4);
-    `positive` on identical captions is algebraically identical to vanilla.)"""
-    k = 8 if smoke else 128  # 128 ~ default_n_clusters(7583) = 131 and the study's validation choice
-    cap = {"evidence": "group", "group_column": "caption"}
-    v = [
-        {"name": f"img_cluster_k{k}", "rule": "library", "k_img": k, "config": {"strategy": "cluster", "evidence": "image_cluster"}},
-        {"name": f"img_cluster_k{k}_weighted_g1", "rule": "library", "k_img": k,
-         "config": {"strategy": "cluster_weighted", "evidence": "image_cluster", "weight_power": 1.0}},
-        {"name": "pair_cos_img0.9_and_txt0.9", "rule": "library",
-         "config": {"strategy": "cluster", "evidence": "pair_cosine", "image_cosine_threshold": 0.9, "text_cosine_threshold": 0.9}},
-        {"name": "same_caption_mask", "rule": "library", "group": "text", "config": {"strategy": "cluster", **cap}},
-        {"name": "img_cos0.97_mask", "rule": "library",
-         "config": {"strategy": "cluster", "evidence": "pair_cosine", "image_cosine_threshold": 0.97}},
-        {"name": "caption_or_img0.97_mask", "rule": "library", "group": "text",
-         "config": {"strategy": "cluster", "evidence": "any", "group_column": "caption", "image_cosine_threshold": 0.97}},
-    ]
-    # the paper's rules applied only to rows whose image cluster holds >= share of the batch (Q.crowding_gated_rule)
-    for share in (0.03, 0.06, 0.12):
-        v.append({"name": f"img_cluster_k{k}_weighted_g1_crowd{share}", "rule": f"crowd{share}", "k_img": k,
-                  "config": {"strategy": "cluster_weighted", "evidence": "image_cluster", "weight_power": 1.0}})
-    v.append({"name": f"img_cluster_k{k}_crowd0.06", "rule": "crowd0.06", "k_img": k,
-              "config": {"strategy": "cluster", "evidence": "image_cluster"}})
-    if has_category:
-        v.append({"name": "oracle_category_mask", "rule": "library", "group": "category", "oracle": True,
-                  "config": {"strategy": "cluster", "evidence": "group", "group_column": "category"}})
-    return v
-
-
-def make_config(variant: dict[str, Any], seed: int):
+def rule_configs(paper_clusters: int, has_category: bool) -> dict[str, Any]:
     from hf_clipneg.mining import MiningConfig
 
-    cfg = dict(variant["config"])
-    cfg.setdefault("seed", seed)
-    cfg["store_features"] = True
-    return MiningConfig(**cfg)
+    rules = {
+        "paper": MiningConfig(strategy="cluster", evidence="image_cluster", n_image_clusters=paper_clusters),
+        "default": MiningConfig(),
+    }
+    if has_category:
+        rules["oracle"] = MiningConfig(evidence="group", group_column=Q.CATEGORY)
+    return rules
 
 
-RULES = {"library": Q.library_rule, "vanilla": None, **{f"crowd{x}": Q.crowding_gated_rule(x) for x in (0.03, 0.06, 0.12)}}
+def prepare(args: argparse.Namespace, poolings: list[str]) -> dict[str, Any]:
+    """Features, benchmark columns, regimes' training sets and mined datasets (everything the runs read)."""
+    from hf_clipneg.clustering import cluster_features
+    from hf_clipneg.features import IMAGE_FEATURES, compute_features
+    from hf_clipneg.mining import mine_negatives
 
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    raw = Q.smoke_splits() if args.smoke else Q.load_splits(args.data)
+    main_pooling = poolings[0]
+    models, processor = {}, None
+    models[main_pooling], processor = build_towers(args.smoke, main_pooling)
+    featured = Q.featured_splits(raw, models[main_pooling], processor, args.image_column, args.caption_column)
+    timings["features_s"] = time.perf_counter() - t0
+    logger.info("tower features of %s ready in %.1fs", {k: len(v) for k, v in featured.items()}, timings["features_s"])
+
+    category_columns = [c.strip() for c in args.category_columns.split(",") if c.strip()]
+    has_category = bool(category_columns)
+    table: dict = {}
+    categories = {s: Q.codes(Q.category_keys(featured[s], category_columns), table) if has_category else None
+                  for s in Q.SPLITS}
+    data = {s: Q.benchmark_columns(featured[s], args.image_column, args.caption_column, categories[s]) for s in Q.SPLITS}
+    regimes = {name: regime_spec(name) for name in args.regimes.split(",") if name.strip()}
+    if any(r["sampler"] == "crowded" for r in regimes.values()):
+        feats = np.asarray(data["train"].with_format("numpy")[IMAGE_FEATURES], dtype=np.float32)
+        groups, _ = cluster_features(feats, min(args.crowding_groups, len(feats)), seed=0)
+        data["train"] = data["train"].add_column(Q.CROWD_GROUP, np.asarray(groups, dtype=np.int64).tolist())
+    train_sets = {"train": data["train"]}
+    info: dict[str, Any] = {"category_columns": category_columns, "n_categories": len(table)}
+    if any(r["train_key"] == "many" for r in regimes.values()):
+        t1 = time.perf_counter()
+        templates = [t for t in args.description_templates.split("|") if t.strip()]
+        rows = Q.many_rows(data["train"], templates)
+        many = compute_features(rows, models[main_pooling], processor, known=data["train"])
+        train_sets["many"] = many
+        info["many"] = {"rows": len(many), "templates": templates,
+                        "skipped_descriptions": int(np.sum(many["description_skipped"])),
+                        "distinct_texts": len(set(many[Q.CAPTION]))}
+        timings["many_features_s"] = time.perf_counter() - t1
+        logger.info("many-texts rows: %s (%.1fs)", info["many"], timings["many_features_s"])
+
+    # other text poolings: vanilla on validation, single regime
+    pooled: dict[str, dict] = {}
+    for pooling in poolings[1:]:
+        t1 = time.perf_counter()
+        models[pooling], _ = build_towers(args.smoke, pooling)
+        other = other_pooling_features(raw, featured, models[pooling], processor, args.image_column, args.caption_column)
+        pooled[pooling] = {s: Q.benchmark_columns(other[s], args.image_column, args.caption_column, categories[s])
+                           for s in other}
+        timings[f"{pooling}_features_s"] = time.perf_counter() - t1
+        logger.info("%s-pooled text features ready in %.1fs", pooling, timings[f"{pooling}_features_s"])
+
+    # mining: one dataset per (training set, rule)
+    rules = rule_configs(args.paper_clusters, has_category)
+    needed = {STRATEGIES[s][0] for s in args.strategy_list} - {None}
+    mined, mining_stats = {}, {}
+    t1 = time.perf_counter()
+    for key in sorted({r["train_key"] for r in regimes.values()}):
+        for rule in sorted(needed):
+            t2 = time.perf_counter()
+            mined[(key, rule)], stats = mine_negatives(train_sets[key], rules[rule])
+            from hf_clipneg.mining import MiningConfig
+
+            mining_stats[f"{key}/{rule}"] = {**stats.to_dict(), "config": MiningConfig.from_dataset(mined[(key, rule)]).to_dict(),
+                                             "seconds": time.perf_counter() - t2}
+            logger.info("mined %s/%s in %.1fs: flagged %.4f%% of random in-batch pairs", key, rule,
+                        time.perf_counter() - t2, 100 * stats.evidence_flagged_fraction)
+    timings["mining_s"] = time.perf_counter() - t1
+    evals = {pooling: {"validation": data["validation"], "test": data["test"]} for pooling in poolings[:1]}
+    for pooling, splits in pooled.items():
+        evals[pooling] = {"validation": splits["validation"]}
+    trains = {(key, poolings[0]): ds for key, ds in train_sets.items()}
+    for pooling, splits in pooled.items():
+        trains[("train", pooling)] = splits["train"]
+    info["rows"] = {k: len(v) for k, v in train_sets.items()}
+    return {"models": models, "processor": processor, "trains": trains, "mined": mined, "evals": evals,
+            "regimes": regimes, "has_category": has_category, "info": info, "mining": mining_stats,
+            "timings": timings, "train_sets": train_sets}
+
+
+# --------------------------------------------------------------------------------------------------
+# One run: ClipNegTrainer on the cached tower features, then its evaluate()
+# --------------------------------------------------------------------------------------------------
 
 _CTX: dict[str, Any] = {}  # set in the parent before the worker pool forks (copy-on-write)
 
 
-def _one_run(spec: tuple) -> dict[str, Any]:
-    variant, regime, depth, settings, seed, eval_names, eval_at = spec
+def training_arguments(args: argparse.Namespace, regime: dict, strategy: str, seed: int, steps: int, output_dir: str):
+    from hf_clipneg.training_args import ClipNegTrainingArguments
+
+    sampler = {"train_sampler": regime["sampler"]}
+    if regime["sampler"] == "crowded":
+        sampler.update(crowded_share=regime["share"], sampler_group_column=Q.CROWD_GROUP)
+    return ClipNegTrainingArguments(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=1024, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        negative_strategy=STRATEGIES[strategy][1], seed=seed, report_to="none", save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, use_cpu=True, **sampler,
+    )
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one (regime, strategy, seed, steps, text pooling) with ClipNegTrainer and evaluate it."""
+    from transformers import PrinterCallback
+    from transformers.utils import logging as hf_logging
+
+    from hf_clipneg.trainer import ClipNegTrainer
+
     torch.set_num_threads(1)
-    data, stats, towers, evidence = _CTX["data"], _CTX["stats"], _CTX["towers"], _CTX["evidence"]
-    train = data["train_many" if regime == "many" else "train"]
-    rule = RULES[variant["rule"]]
-    ev = evidence[regime].build(variant) if rule is not None else {}
-    config = make_config(variant, seed) if rule is not None else None
-    res = Q.train_run(train, ev, rule, config, seed, settings, stats[regime], towers if depth == "partial" else None,
-                      {n: data[n] for n in eval_names}, eval_at or [settings.steps])
-    res["seed"] = seed
-    m = res["evals"][max(res["evals"])]
-    logger.info("[%s/%s] %-36s seed %d: %s masked %.4f (%.0fs)", regime, depth, variant["name"], seed,
-                "  ".join(f"{n[:4]} cat {m[n].get('cat_t2i_R@1', float('nan')):.2f} inst {m[n]['inst_t2i_R@1']:.2f}" for n in eval_names),
-                res["masked_fraction"], res["seconds"])
-    return res
+    hf_logging.set_verbosity_error()
+    ctx, args = _CTX, _CTX["args"]
+    started = time.perf_counter()
+    regime = ctx["regimes"][spec["regime"]]
+    rule = STRATEGIES[spec["strategy"]][0]
+    train = ctx["trains"][(regime["train_key"], spec["pooling"])] if rule is None else ctx["mined"][(regime["train_key"], rule)]
+    model = ctx["models"][spec["pooling"]]
+    missing, unexpected = model.load_state_dict(ctx["init"][(spec["pooling"], spec["seed"])], strict=False)
+    assert not unexpected, unexpected
+    out_dir = tempfile.mkdtemp(prefix="quality-run-")
+    try:
+        targs = training_arguments(args, regime, spec["strategy"], spec["seed"], spec["steps"], out_dir)
+        trainer = ClipNegTrainer(model, targs, train_dataset=train, eval_dataset=ctx["evals"][spec["pooling"]],
+                                 processing_class=ctx["processor"])
+        trainer.remove_callback(PrinterCallback)
+        if not trainer.cached_tower_features:
+            raise RuntimeError("ClipNegTrainer did not train on cached tower features; the benchmark would run the "
+                               "towers every step. Check the feature provenance of the training set.")
+        init_s = time.perf_counter() - started
+        t0 = time.perf_counter()
+        output = trainer.train()
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        evals: dict[str, dict] = {}
+        for split, dataset in trainer.eval_dataset.items():
+            for proto, column in PROTOCOLS.items():
+                if proto == "cat" and not ctx["has_category"]:
+                    continue
+                trainer.args.retrieval_group_column = column
+                metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="m")
+                evals.setdefault(split, {})[proto] = {
+                    k[2:]: float(v) for k, v in metrics.items() if ("R@" in k or "rank" in k or k == "m_loss")}
+        eval_s = time.perf_counter() - t0
+        result = {**spec, "evals": evals, "train_loss": float(output.training_loss),
+                  "logit_scale": float(model.logit_scale.detach().exp()), "init_s": init_s, "train_s": train_s,
+                  "eval_s": eval_s, "seconds": time.perf_counter() - started}
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return result
 
 
-def run_specs(specs: list[tuple]) -> list[dict[str, Any]]:
-    """Run (variant, regime, depth, settings, seed, eval_names, eval_at) jobs on the worker pool."""
+def run_specs(specs: list[dict[str, Any]], desc: str) -> list[dict[str, Any]]:
+    """Run specs on the worker pool (or inline), in order; logs one line per finished run."""
+    from tqdm.auto import tqdm
+
     pool = _CTX.get("pool")
-    if pool is None:
-        return [_one_run(spec) for spec in specs]
-    return pool.map(_one_run, specs, chunksize=1)
+    results: list[Any] = [None] * len(specs)
+    iterator = (pool.imap_unordered(_indexed_run, list(enumerate(specs))) if pool is not None
+                else (_indexed_run(item) for item in enumerate(specs)))
+    for index, result in tqdm(iterator, total=len(specs), desc=desc, file=sys.stderr, mininterval=10):
+        results[index] = result
+        e = result["evals"]
+        parts = [f"{split[:4]} " + " ".join(f"{p} {m['t2i_R@1']:.2f}" for p, m in protos.items()) for split, protos in e.items()]
+        logger.info("[%s] %-16s seed %d %4d steps %-6s %s | %.1fs (train %.1fs = %.3fs/step)", result["regime"],
+                    result["strategy"], result["seed"], result["steps"], result["pooling"], "  ".join(parts),
+                    result["seconds"], result["train_s"], result["train_s"] / max(result["steps"], 1))
+    return results
 
 
-def run_variant(variant, data, regime, depth, settings, stats, towers, evidence, seeds, eval_names, eval_at=None):
-    return run_specs([(variant, regime, depth, settings, seed, eval_names, eval_at) for seed in seeds])
+def _indexed_run(item: tuple[int, dict]) -> tuple[int, dict]:
+    index, spec = item
+    return index, run_one(spec)
 
 
-def summarise(runs: list[dict], split: str, step: int | None = None) -> dict[str, tuple[float, float]]:
-    keys = runs[0]["evals"][step or max(runs[0]["evals"])][split].keys()
-    out = {}
-    for key in keys:
-        vals = np.array([r["evals"][step or max(r["evals"])][split][key] for r in runs])
-        out[key] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0)
-    return out
+# --------------------------------------------------------------------------------------------------
+# Measurements on the training batches (no training)
+# --------------------------------------------------------------------------------------------------
 
 
-def paired_delta(runs, base, split, key):
-    a = np.array([r["evals"][max(r["evals"])][split][key] for r in runs])
-    b = np.array([r["evals"][max(r["evals"])][split][key] for r in base])
-    d = a - b
-    return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
+def regime_batches(ctx: dict, name: str, steps: int, seed: int) -> list[np.ndarray]:
+    regime = ctx["regimes"][name]
+    train = ctx["train_sets"][regime["train_key"]]
+    groups = np.asarray(train[Q.CROWD_GROUP]) if regime["sampler"] == "crowded" else None
+    return Q.sampler_batches(len(train), ctx["args"].batch_size, steps, seed, regime["sampler"], groups,
+                             regime["share"] or 0.5)
+
+
+def row_keys(ctx: dict, train_key: str) -> dict[str, np.ndarray | None]:
+    """Per training row: category code, image identity (hf_clipneg.features.image_keys) and caption identity."""
+    from hf_clipneg.features import image_keys
+    from hf_clipneg.metrics import groups_from_captions
+
+    train = ctx["train_sets"][train_key]
+    return {
+        "category": np.asarray(train[Q.CATEGORY]) if ctx["has_category"] else None,
+        "image": Q.codes(image_keys(train, Q.IMAGE)),
+        "text": groups_from_captions(train[Q.CAPTION]),
+    }
+
+
+def masked_pairs(ctx: dict, regime: str, strategy: str, batches: list[np.ndarray], category: np.ndarray | None) -> dict:
+    """Share of in-batch negative pairs `strategy` masks (weight 0, or < 1 when down-weighting) on `batches`, their
+    precision (same category), and the mean weight of the negatives: `pair_weights` on the mined columns, as the
+    trainer computes them (step = the batch's global step)."""
+    from hf_clipneg.collator import META_COLUMNS, ClipNegCollator
+    from hf_clipneg.mining import DuplicateAction, MiningConfig, pair_weights
+
+    rule, override = STRATEGIES[strategy]
+    if rule is None:
+        return {"masked_fraction": 0.0, "precision": None, "mean_weight": 1.0}
+    mined = ctx["mined"][(ctx["regimes"][regime]["train_key"], rule)]
+    config = MiningConfig.from_dataset(mined)
+    if override is not None:
+        config = dataclasses.replace(config, strategy=override)
+    table = mined.select_columns([c for c in META_COLUMNS if c in mined.column_names]).with_format("numpy")
+    collate = ClipNegCollator(ctx["processor"], cached_features=True)
+    masked = hits = pairs = 0
+    weight_sum = 0.0
+    for step, index in enumerate(batches):
+        columns = table[index.tolist()]
+        rows = [{name: values[i] for name, values in columns.items()} for i in range(len(index))]
+        meta = {k: v for k, v in collate(rows).items() if k in META_COLUMNS}
+        weights, _ = pair_weights(meta, config, step=step)
+        off = ~torch.eye(len(index), dtype=torch.bool)
+        flagged = ((weights < 1.0 - 1e-6) if config.duplicate_action == DuplicateAction.DOWNWEIGHT else (weights < 1e-6)) & off
+        masked += int(flagged.sum())
+        weight_sum += float(weights[off].sum())
+        pairs += int(off.sum())
+        if category is not None:
+            cat = torch.as_tensor(category[index])
+            hits += int((flagged & (cat[:, None] == cat[None, :])).sum())
+    return {"masked_fraction": masked / pairs, "precision": hits / masked if masked and category is not None else None,
+            "mean_weight": weight_sum / pairs}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,260 +467,184 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.output_dir)
     if args.smoke:
         out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "hf_clipneg_quality_smoke" / "results"
+        args.caption_column, args.image_column = "caption", "image"
+        args.category_columns = "shape,colour"
+        args.description_templates = "{colour} {shape}|a {size} {colour} {shape}"
+        args.seeds, args.step_candidates, args.batch_size = min(args.seeds, 2), "2,4", 32
+        args.paper_clusters, args.crowding_groups = 8, 4
+        if args.regimes == parse_args([]).regimes:  # keep CI fast: one crowded regime exercises the sampler
+            args.regimes = "single,crowded50,many"
     out_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True,
                         handlers=[logging.StreamHandler(sys.stderr), logging.FileHandler(out_dir / "quality.log", mode="w")])
-    for noisy in ("transformers", "datasets", "hf_clipneg", "faiss"):
+    for noisy in ("transformers", "datasets", "hf_clipneg", "faiss", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # One torch/faiss thread per process: with OpenMP spin-waits, 2 threads on 2 busy cores ran ~10x slower
-    # than 1 in our measurement; parallelism comes from --workers processes instead.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    depths = [d.strip() for d in args.depths.split(",") if d.strip()]
+    if depths != ["frozen"]:
+        raise SystemExit(f"--depths {args.depths}: only 'frozen' is supported; partial depth runs the towers on every "
+                         "step (no cached features), hours for this grid on 2 CPU cores.")
+    args.strategy_list = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = sorted(set(args.strategy_list) - set(STRATEGIES))
+    if unknown or "vanilla" not in args.strategy_list:
+        raise SystemExit(f"--strategies must include vanilla and be among {list(STRATEGIES)} (unknown: {unknown}).")
+    poolings = [p.strip() for p in args.text_pooling.split(",") if p.strip()]
+    candidates = sorted({int(s) for s in args.step_candidates.split(",") if s.strip()})
+    # One torch/faiss thread per process: with OpenMP spin-waits, 2 threads on 2 busy cores ran several times
+    # slower than 1 here; parallelism comes from --workers processes instead.
     torch.set_num_threads(1)
     from hf_clipneg._faiss import import_faiss
 
     import_faiss().omp_set_num_threads(1)
     started = time.perf_counter()
-    if args.smoke:
-        args.seeds, args.max_steps, args.batch_size, args.sweep_seeds = min(args.seeds, 2), 6, 32, 1
-        args.partial_extra_steps = 2
-    data, towers, info = prepare(args)
-    has_category = bool(info["category_columns"])
-    mixes = [float(m) for m in args.crowded_mixes.split(",") if m.strip()]
-    crowded = {f"crowded{round(100 * m)}": m for m in mixes}
-    regimes = ["single", *crowded] + (["many"] if "train_many" in data else [])
-    depths = [d for d in args.depths.split(",") if d]
-    partial_regimes = [r for r in args.partial_regimes.split(",") if r in regimes]
-    metric = "cat_t2i_R@1" if has_category else "inst_t2i_R@1"
-    train_key = {r: "train_many" if r == "many" else "train" for r in regimes}
-    stats = {key: Q.Standardiser.fit(data[key]) for key in set(train_key.values())}
-    builders = {key: EvidenceBuilder(data[key], backend=args.clustering_backend) for key in set(train_key.values())}
-    stats = {r: stats[train_key[r]] for r in regimes}
-    evidence = {r: builders[train_key[r]] for r in regimes}
-    groups = None
-    if crowded:
-        k_groups = 4 if args.smoke else args.crowding_groups
-        groups = builders["train"].labels("image", k_groups)[data["train"].row_image]
 
-    def settings_for(r: str, **kw) -> Q.TrainSettings:
-        return Q.TrainSettings(batch_size=args.batch_size, batch_groups=groups if r in crowded else None,
-                               batch_mix=crowded.get(r, 0.0), **kw)
-
-    report: dict[str, Any] = {"settings": vars(args).copy(), "data": info, "select_metric": metric, "regimes": {}}
-    features_s = time.perf_counter() - started
-    logger.info("features ready after %.1fs", features_s)
-
-    # 1. false-negative rates
-    for r in regimes:
-        fn = Q.batch_false_negative_rates(data[train_key[r]], args.batch_size, groups=groups if r in crowded else None,
-                                          mix=crowded.get(r, 0.0))
-        report["regimes"][r] = {"false_negatives": fn}
-        logger.info("[%s] in-batch false negatives: %s", r, {k: round(v, 5) for k, v in fn.items()})
-
-    vanilla = {"name": "vanilla", "rule": "vanilla"}
-    variants = sweep_variants(has_category, args.smoke)
-    if args.smoke:  # keep CI fast: the paper rule, one pair-level rule, the weighted rule and the oracle
-        keep = {"img_cluster_k8", "img_cluster_k8_weighted_g1", "img_cluster_k8_weighted_g1_crowd0.06",
-                "caption_or_img0.97_mask", "oracle_category_mask"}
-        variants = [v for v in variants if v["name"] in keep]
-    for r in regimes:  # k-means labels once, in the parent, before the pool forks
-        for v in variants:
-            if v.get("k_img"):
-                evidence[r].labels("image", v["k_img"])
-            if v.get("k_txt"):
-                evidence[r].labels("text", v["k_txt"])
-    _CTX.update(data=data, stats=stats, towers=towers, evidence=evidence)
+    ctx = prepare(args, poolings)
+    if "oracle" in args.strategy_list and not ctx["has_category"]:
+        args.strategy_list.remove("oracle")
+    has_category = ctx["has_category"]
+    metric = "cat" if has_category else "inst"
+    seeds = list(range(args.seeds))
+    t0 = time.perf_counter()
+    ctx["init"] = {(p, s): initial_state(s, p, args.smoke, ctx["models"][p]) for p in poolings for s in seeds}
+    ctx["timings"]["init_states_s"] = time.perf_counter() - t0
+    ctx["args"] = args
+    _CTX.update(ctx)
+    prep_s = time.perf_counter() - started
+    logger.info("prepared in %.1fs; regimes %s, strategies %s, seeds %s, step candidates %s, %d worker(s)",
+                prep_s, list(ctx["regimes"]), args.strategy_list, seeds, candidates, args.workers)
     if args.workers > 1:
         import multiprocessing as mp
 
         _CTX["pool"] = mp.get_context("fork").Pool(args.workers)
-    sweep_seeds = list(range(args.sweep_seeds))
-    seeds = list(range(args.seeds))
 
-    # 2. steps chosen by vanilla on validation (frozen); these runs are also the sweep's vanilla baselines
-    specs, meta = [], []
-    for r in regimes:
-        train = data[train_key[r]]
-        per_epoch = train.n_rows // args.batch_size
-        every = max(1, min(per_epoch, args.max_steps // 10)) if not args.smoke else 2
-        checkpoints = list(range(every, args.max_steps + 1, every))
-        settings = settings_for(r, steps=checkpoints[-1])
-        for seed in sweep_seeds:
-            specs.append((vanilla, r, "frozen", settings, seed, ["validation"], checkpoints))
-            meta.append(r)
-    curves = run_specs(specs)
-    base_runs: dict[str, list] = {r: [] for r in regimes}
-    for r, run in zip(meta, curves):
-        base_runs[r].append(run)
-    for r in regimes:
-        steps_list = sorted(base_runs[r][0]["evals"])
-        curve = {s: float(np.mean([run["evals"][s]["validation"][metric] for run in base_runs[r]])) for s in steps_list}
-        best = max(curve, key=curve.get)
-        report["regimes"][r]["step_curve"] = curve
-        report["regimes"][r]["steps"] = best
-        for run in base_runs[r]:
-            run["evals"] = {best: run["evals"][best]}
-        logger.info("[%s] vanilla validation %s by step: %s -> %d steps", r, metric, {k: round(v, 2) for k, v in curve.items()}, best)
+    report: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items()}, "data": ctx["info"],
+                              "mining": ctx["mining"], "select_metric": f"validation {metric} t2i_R@1",
+                              "regimes": {}, "runs": [], "timings": ctx["timings"]}
+    report["settings"]["poolings"] = poolings
 
-    # 3. validation sweep (frozen), paired with the vanilla runs above (same seeds, init, batch order)
-    sweep: dict[str, Any] = {}
-    if not args.no_sweep:
-        specs, meta = [], []
-        for r in regimes:
-            settings = settings_for(r, steps=report["regimes"][r]["steps"])
-            for variant in variants:
-                for seed in sweep_seeds:
-                    specs.append((variant, r, "frozen", settings, seed, ["validation"], None))
-                    meta.append((r, variant["name"]))
-        results = run_specs(specs)
-        grouped: dict[tuple, list] = {}
-        for key, run in zip(meta, results):
-            grouped.setdefault(key, []).append(run)
-        for r in regimes:
-            base = base_runs[r]
-            sweep[r] = {"vanilla": {"val": summarise(base, "validation"), "masked_fraction": 0.0, "runs": base}}
-            for variant in variants:
-                runs = grouped[(r, variant["name"])]
-                sweep[r][variant["name"]] = {
-                    "val": summarise(runs, "validation"),
-                    "delta": paired_delta(runs, base, "validation", metric),
-                    "inst_delta": paired_delta(runs, base, "validation", "inst_t2i_R@1"),
-                    "masked_fraction": float(np.mean([x["masked_fraction"] for x in runs])),
-                    "precision": _mean_or_none([x["masked_category_precision"] for x in runs]),
-                    "runs": runs,
-                }
-    report["sweep"] = sweep
-    # the default: best mean validation gain over regimes among label-free variants whose category and instance
-    # R@1 do not drop by more than max(their paired std, 0.5) in any regime ("never hurt where it should not")
-    label_free = [v for v in variants if not v.get("oracle")]
-    by_name = {v["name"]: v for v in variants}
-    if args.default_variant:
-        default_name = args.default_variant
-    elif sweep:
-        def score(v):
-            gains = [sweep[r][v["name"]]["delta"][0] for r in regimes]
-            safe = all(sweep[r][v["name"]][key][0] >= -max(sweep[r][v["name"]][key][1], 0.5)
-                       for r in regimes for key in ("delta", "inst_delta"))
-            return (safe, float(np.mean(gains)))
-        # only rules the library runs can become its default
-        default_name = max([v for v in label_free if v["rule"] == "library"], key=score)["name"]
-        # NB: on exactly identical captions the `positive` action is algebraically identical to vanilla (identical
-        # texts have identical embeddings), so it can win this rule by doing nothing; see QUALITY.md.
-    else:
-        default_name = "caption_or_img0.97_mask"
+    # 1. steps: vanilla at every candidate budget, on validation (and test: they are the vanilla rows)
+    t0 = time.perf_counter()
+    specs = [{"kind": "select", "regime": r, "strategy": "vanilla", "seed": s, "steps": n, "pooling": poolings[0]}
+             for r in ctx["regimes"] for n in candidates for s in seeds]
+    selection = run_specs(specs, "vanilla step selection")
+    report["timings"]["selection_s"] = time.perf_counter() - t0
+    chosen: dict[str, int] = {}
+    for r in ctx["regimes"]:
+        curve = {}
+        for n in candidates:
+            values = [x["evals"]["validation"][metric]["t2i_R@1"] for x in selection if x["regime"] == r and x["steps"] == n]
+            curve[n] = Q.mean_std(values)
+        chosen[r] = max(candidates, key=lambda n: (round(curve[n][0], 6), -n))
+        report["regimes"][r] = {**ctx["regimes"][r], "step_curve": {str(n): v for n, v in curve.items()}, "steps": chosen[r]}
+        logger.info("[%s] vanilla validation %s t2i R@1 by steps: %s -> %d steps", r, metric,
+                    {n: round(v[0], 2) for n, v in curve.items()}, chosen[r])
+    runs = [x for x in selection if x["steps"] == chosen[x["regime"]]]
 
-    def best_of(prefix_filter):
-        cands = [v for v in label_free if prefix_filter(v["name"])]
-        if not sweep:
-            return cands[0]["name"]
-        return max(cands, key=lambda v: np.mean([sweep[r][v["name"]]["delta"][0] for r in regimes]))["name"]
-
-    paper_rule = lambda n: n.startswith("img_cluster_k") and "crowd" not in n  # noqa: E731
-    cluster_name = best_of(lambda n: paper_rule(n) and "weighted" not in n)
-    weighted_name = best_of(lambda n: paper_rule(n) and "weighted" in n)
-    report["chosen"] = {"default": default_name, "cluster": cluster_name, "cluster_weighted": weighted_name}
-    logger.info("chosen on validation: %s", report["chosen"])
-
-    # 3b. tower learning rate of partial runs, chosen by vanilla on validation (too high a rate destabilised
-    # training: at 1e-4 one vanilla seed fell from 57 to 34 category R@1)
-    if "partial" in depths:
-        tower_lrs = [float(x) for x in args.tower_lrs.split(",") if x.strip()]
-        specs, meta = [], []
-        for r in partial_regimes:
-            steps = report["regimes"][r]["steps"]
-            for lr in tower_lrs:
-                settings = settings_for(r, steps=steps + args.partial_extra_steps, frozen_steps=steps,
-                                        train_vision_block=args.train_vision_block, tower_lr=lr)
-                for seed in sweep_seeds:
-                    specs.append((vanilla, r, "partial", settings, seed, ["validation"], None))
-                    meta.append((r, lr))
-        scores: dict[tuple, list] = {}
-        for key, run in zip(meta, run_specs(specs)):
-            scores.setdefault(key, []).append(run["evals"][max(run["evals"])]["validation"][metric])
-        for r in partial_regimes:
-            curve = {lr: float(np.mean(scores[(r, lr)])) for lr in tower_lrs}
-            report["regimes"][r]["tower_lr_curve"] = curve
-            report["regimes"][r]["tower_lr"] = max(curve, key=curve.get)
-            logger.info("[%s] vanilla partial validation %s by tower lr: %s -> %g", r, metric, curve,
-                        report["regimes"][r]["tower_lr"])
-
-    # 4. final runs on test. Random baselines need the masked fraction of their source, so two waves.
-    final: dict[str, Any] = {}
-    blocks = []
-    for depth in depths:
-        for r in regimes if depth == "frozen" else partial_regimes:
-            steps = report["regimes"][r]["steps"]
-            if depth == "partial":
-                settings = settings_for(r, steps=steps + args.partial_extra_steps, frozen_steps=steps,
-                                        train_vision_block=args.train_vision_block, tower_lr=report["regimes"][r]["tower_lr"])
-            else:
-                settings = settings_for(r, steps=steps)
-            strategies = {"vanilla": vanilla, "cluster": by_name[cluster_name], "cluster_weighted": by_name[weighted_name],
-                          "default": by_name[default_name]}
-            if has_category:
-                strategies["oracle"] = by_name["oracle_category_mask"]
-            wanted = None if depth == "frozen" or args.partial_strategies == "all" else set(args.partial_strategies.split(","))
-            strategies = {k: v for k, v in strategies.items() if wanted is None or k in wanted or k == "vanilla"}
-            run_seeds = seeds if depth == "frozen" else list(range(min(args.seeds, args.partial_seeds)))
-            blocks.append((f"{r}/{depth}", r, depth, settings, strategies, wanted, run_seeds))
-    results: dict[str, dict[str, list]] = {b[0]: {} for b in blocks}
-    specs, meta = [], []
-    for key, r, depth, settings, strategies, wanted, run_seeds in blocks:
-        for label, variant in strategies.items():
-            for seed in run_seeds:
-                specs.append((variant, r, depth, settings, seed, ["validation", "test"], None))
-                meta.append((key, label))
-    for (key, label), run in zip(meta, run_specs(specs)):
-        results[key].setdefault(label, []).append(run)
-    specs, meta, random_variants = [], [], {}
-    for key, r, depth, settings, strategies, wanted, run_seeds in blocks:
-        for label, source in (("random", "cluster"), ("random@default", "default")):
-            if source not in results[key] or (wanted is not None and label not in wanted):
-                continue
-            frac = float(np.mean([x["masked_fraction"] for x in results[key][source]]))
-            rv = {"name": f"random_{frac:.5f}", "rule": "library", "config": {"strategy": "random", "random_drop_fraction": frac}}
-            random_variants[(key, label)] = rv
-            for seed in run_seeds:
-                specs.append((rv, r, depth, settings, seed, ["validation", "test"], None))
-                meta.append((key, label))
-    for (key, label), run in zip(meta, run_specs(specs)):
-        results[key].setdefault(label, []).append(run)
-    for key, r, depth, settings, strategies, wanted, run_seeds in blocks:
-        final[key] = {"steps": settings.steps, "frozen_steps": settings.frozen_steps, "seeds": len(run_seeds), "strategies": {}}
-        for label, runs in results[key].items():
-            variant = strategies.get(label) or random_variants[(key, label)]
-            final[key]["strategies"][label] = {
-                "variant": variant["name"],
-                "test": summarise(runs, "test"), "val": summarise(runs, "validation"),
-                "delta_cat": paired_delta(runs, results[key]["vanilla"], "test", "cat_t2i_R@1") if has_category else None,
-                "delta_inst": paired_delta(runs, results[key]["vanilla"], "test", "inst_t2i_R@1"),
-                "masked_fraction": float(np.mean([x["masked_fraction"] for x in runs])),
-                "precision": _mean_or_none([x["masked_category_precision"] for x in runs]),
-                "seconds": float(np.sum([x["seconds"] for x in runs])),
-                "runs": runs,
-            }
+    # 2. every other strategy at the chosen budget; other text poolings (vanilla, single, validation)
+    t0 = time.perf_counter()
+    specs = [{"kind": "final", "regime": r, "strategy": st, "seed": s, "steps": chosen[r], "pooling": poolings[0]}
+             for r in ctx["regimes"] for st in args.strategy_list if st != "vanilla" for s in seeds]
+    pool_regime = "single" if "single" in ctx["regimes"] else None
+    if pool_regime is None and len(poolings) > 1:
+        logger.warning("text pooling comparison skipped: it runs in the single regime, which --regimes leaves out")
+    if pool_regime is not None:
+        specs += [{"kind": "pooling", "regime": pool_regime, "strategy": "vanilla", "seed": s, "steps": chosen[pool_regime],
+                   "pooling": p} for p in poolings[1:] for s in seeds]
+    finals = run_specs(specs, "strategies")
+    report["timings"]["final_s"] = time.perf_counter() - t0
     if _CTX.get("pool") is not None:
         _CTX["pool"].close()
-    report["final"] = final
-    report["seconds_total"] = time.perf_counter() - started
-    report["seconds_features"] = features_s
-    from_default = by_name[default_name]
-    report["recommended_mining_config"] = {**from_default["config"], "rule": from_default["rule"]}
+    runs += [x for x in finals if x["kind"] == "final"]
+    pooling_runs = [x for x in finals if x["kind"] == "pooling"]
+    report["runs"] = selection + finals
 
-    tables = render_tables(report, regimes, has_category)
+    # 3. in-batch false negatives (every step of every seed) and masked pairs (first batches of seed 0)
+    t0 = time.perf_counter()
+    keys = {k: row_keys(ctx, k) for k in {spec["train_key"] for spec in ctx["regimes"].values()}}
+    for r, spec in ctx["regimes"].items():
+        k = keys[spec["train_key"]]
+        per_seed = [Q.in_batch_false_negatives(regime_batches(ctx, r, chosen[r], s), k["category"], k["image"], k["text"])
+                    for s in seeds]
+        fn = {name: float(np.mean([p[name] for p in per_seed])) if per_seed[0][name] is not None else None
+              for name in per_seed[0]}
+        report["regimes"][r]["false_negatives"] = fn
+        report["regimes"][r]["rows"] = len(ctx["train_sets"][spec["train_key"]])
+        batches = regime_batches(ctx, r, min(MEASURE_BATCHES, chosen[r]), 0)
+        report["regimes"][r]["masked"] = {st: masked_pairs(ctx, r, st, batches, k["category"]) for st in args.strategy_list}
+        logger.info("[%s] in-batch false negatives %s; masked %s", r, {a: round(b, 5) for a, b in fn.items() if b is not None},
+                    {st: round(m["masked_fraction"], 5) for st, m in report["regimes"][r]["masked"].items()})
+    report["timings"]["measure_s"] = time.perf_counter() - t0
+
+    report["summary"] = summarise(runs, list(ctx["regimes"]), args.strategy_list, has_category)
+    if pooling_runs:
+        base = [x for x in runs if x["regime"] == pool_regime and x["strategy"] == "vanilla"]
+        report["pooling"] = {poolings[0]: summarise_split(base, "validation")}
+        for p in poolings[1:]:
+            mine = sorted([x for x in pooling_runs if x["pooling"] == p], key=lambda x: x["seed"])
+            report["pooling"][p] = summarise_split(mine, "validation")
+            report["pooling"][p]["delta"] = {
+                proto: Q.paired_delta([x["evals"]["validation"][proto]["t2i_R@1"] for x in mine],
+                                      [x["evals"]["validation"][proto]["t2i_R@1"] for x in sorted(base, key=lambda x: x["seed"])])
+                for proto in mine[0]["evals"]["validation"]}
+    timed = [x for x in report["runs"]]
+    report["timings"].update({
+        "prepare_s": prep_s,
+        "runs": len(timed),
+        "run_s_mean": float(np.mean([x["seconds"] for x in timed])),
+        "run_s_median": float(np.median([x["seconds"] for x in timed])),
+        "step_s_mean": float(np.sum([x["train_s"] for x in timed]) / np.sum([x["steps"] for x in timed])),
+        "run_s_sum": float(np.sum([x["seconds"] for x in timed])),
+        "total_s": time.perf_counter() - started,
+    })
+    tables = render_tables(report, args, has_category)
     (out_dir / "quality_tables.md").write_text(tables)
     (out_dir / "quality_results.json").write_text(json.dumps(report, indent=1, default=_json_default))
-    if not args.smoke:
-        plot(report, out_dir / "quality_gain_vs_fn.png", has_category)
+    plot(report, out_dir / "quality_gain_vs_fn.png", has_category)
     print(tables)
-    logger.info("total %.1f min", report["seconds_total"] / 60)
+    logger.info("total %.1f min (%d runs, mean %.1fs per run, %.3fs per step)", report["timings"]["total_s"] / 60,
+                len(timed), report["timings"]["run_s_mean"], report["timings"]["step_s_mean"])
     return 0
 
 
-def _mean_or_none(values):
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
+# --------------------------------------------------------------------------------------------------
+# Summaries, tables, plot
+# --------------------------------------------------------------------------------------------------
+
+KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "t2i_median_rank", "i2t_R@1")
 
 
-def _json_default(o):
+def summarise_split(runs: list[dict], split: str) -> dict[str, Any]:
+    protos = runs[0]["evals"][split]
+    return {proto: {key: Q.mean_std([x["evals"][split][proto][key] for x in runs]) for key in KEYS} for proto in protos}
+
+
+def summarise(runs: list[dict], regimes: list[str], strategies: list[str], has_category: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for r in regimes:
+        by = {st: sorted([x for x in runs if x["regime"] == r and x["strategy"] == st], key=lambda x: x["seed"])
+              for st in strategies}
+        base = by["vanilla"]
+        out[r] = {}
+        for st, mine in by.items():
+            if not mine:
+                continue
+            entry = {"seeds": [x["seed"] for x in mine], "steps": mine[0]["steps"],
+                     "test": summarise_split(mine, "test"), "validation": summarise_split(mine, "validation"),
+                     "delta": {}, "seconds": float(np.sum([x["seconds"] for x in mine]))}
+            for proto in mine[0]["evals"]["test"]:
+                entry["delta"][proto] = Q.paired_delta([x["evals"]["test"][proto]["t2i_R@1"] for x in mine],
+                                                       [x["evals"]["test"][proto]["t2i_R@1"] for x in base])
+            out[r][st] = entry
+        if "oracle" in out[r] and has_category:
+            oracle = out[r]["oracle"]["delta"]["cat"]
+            for st, entry in out[r].items():
+                entry["oracle_share"] = Q.oracle_share(entry["delta"]["cat"][0], oracle)
+    return out
+
+
+def _json_default(o: Any) -> Any:
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, torch.Tensor):
@@ -604,74 +652,115 @@ def _json_default(o):
     return str(o)
 
 
-def _fmt(pair):
+def _pm(pair) -> str:
     return f"{pair[0]:.2f} ± {pair[1]:.2f}"
 
 
-def render_tables(report: dict, regimes: list[str], has_category: bool) -> str:
-    s = report["settings"]
+def _delta(pair) -> str:
+    sign = "+" if pair[0] >= 0.005 else ("−" if pair[0] <= -0.005 else "")
+    return f"{sign}{abs(pair[0]):.2f} ± {pair[1]:.2f}"
+
+
+def render_tables(report: dict, args: argparse.Namespace, has_category: bool) -> str:
+    s, t = report["settings"], report["timings"]
+    regimes = list(report["regimes"])
+    strategies = [st for st in s["strategy_list"]]
+    data = "synthetic (`--smoke`)" if s["smoke"] else f"`{s['data']}`"
+    label = {k: v.format(k=s["paper_clusters"]) for k, v in LABELS.items()}
     lines = [
         "# hf_clipneg retrieval quality",
         "",
-        f"Data `{'synthetic (--smoke)' if s['smoke'] else s['data']}` (train → validation for every choice → test reported). Towers: packaged EfficientNet-Lite0 + "
-        f"MiniLM (`build_dual_encoder()`), features cached; frozen = linear heads (256-d) + logit scale on standardised "
-        f"pooled features; partial = the frozen schedule, then {s['partial_extra_steps']} more steps that also train "
-        f"{'the last MBConv block and ' if s['train_vision_block'] else ''}the top conv stage (1x1 conv 320→1280 + BN) "
-        f"of Lite0 and the last MiniLM layer, on cached inputs (bf16 autocast). "
-        f"AdamW lr 1e-3 (tower blocks: chosen by vanilla on validation from {s['tower_lrs']}: "
-        f"{ {r: v['tower_lr'] for r, v in report['regimes'].items() if 'tower_lr' in v} }), wd 0.01, batch {s['batch_size']}, {s['seeds']} seeds (same init and batch "
-        f"order for every strategy), steps chosen by vanilla on validation ({report['select_metric']}). "
-        f"Budget: whole run {report['seconds_total'] / 60:.1f} min with {s.get('workers', 1)} worker processes x 1 torch thread "
-        f"(of which feature extraction/caching {report['seconds_features'] / 60:.1f} min).",
+        f"`python benchmarks/quality.py{' --smoke' if s['smoke'] else ''}`: data {data} (train → every choice on "
+        f"validation → test reported). Every run is `compute_features` → `mine_negatives` → `ClipNegTrainer` (frozen "
+        f"towers: projections + logit scale trained on the cached tower features) → `trainer.evaluate()`. "
+        f"Towers {'tiny random (smoke)' if s['smoke'] else 'packaged EfficientNet-Lite0 + all-MiniLM-L6-v2'}, text "
+        f"pooling `{s['poolings'][0]}`; AdamW lr {s['learning_rate']:g}, weight decay {s['weight_decay']:g}, linear "
+        f"decay, batch {s['batch_size']}, {s['seeds']} seeds (same initialisation and batch order for every strategy), "
+        f"steps per regime chosen by vanilla on validation ({report['select_metric']}) among {s['step_candidates']}.",
         "",
-        f"Chosen on validation: {report['chosen']}.",
+        f"Time: {t['total_s'] / 60:.1f} min in all on {s['workers']} worker process(es) x 1 torch thread: "
+        f"preparation {t['prepare_s'] / 60:.1f} min (features from the datasets cache, mining), {t['runs']} training runs "
+        f"of {t['run_s_mean']:.1f} s on average ({t['step_s_mean']:.3f} s per step of {s['batch_size']} rows, "
+        f"trainer set-up and 4 evaluations included in the run time).",
         "",
-        "## In-batch false negatives per regime (training batches)",
+        "## In-batch false negatives of each regime",
         "",
-        "| regime | rows | exact FN pairs (same image or identical text) | per row | same-category pairs | per row |",
-        "|---|---|---|---|---|---|",
+        "Measured on the trainer's own batch order (its samplers reproduced with the same seeds; every step of every "
+        "seed at the chosen budget). Exact = same image or identical caption; category = same "
+        f"{', '.join(report['data']['category_columns']) or '(no categories)'}.",
+        "",
+        "| regime | rows | sampler | steps | exact FN pairs | per row | same-category pairs | per row |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in regimes:
-        fn = report["regimes"][r]["false_negatives"]
-        rows = report["data"]["rows"]["train_many" if r == "many" else "train"]  # crowded regimes: the train rows
-        lines.append(f"| {r} | {rows} | {100 * fn['exact_pair_rate']:.3f}% | {fn['exact_per_row']:.2f} | "
-                     f"{100 * fn['category_pair_rate']:.3f}% | {fn['category_per_row']:.2f} |")
-    for key, block in report["final"].items():
-        r, depth = key.split("/")
-        fn = report["regimes"][r]["false_negatives"]
-        van = block["strategies"]["vanilla"]["test"]
-        oracle_gain = None
-        if has_category and "oracle" in block["strategies"]:
-            oracle_gain = block["strategies"]["oracle"]["delta_cat"][0]
-        lines += ["", f"## Test, regime `{r}`, depth `{depth}`, {block['steps']} steps, {block['seeds']} seeds "
-                  f"(in-batch FN: {100 * fn['exact_pair_rate']:.3f}% exact, {100 * fn['category_pair_rate']:.3f}% category)", ""]
-        head = "| strategy | variant | masked | "
-        head += "cat t→i R@1 | cat R@5 | cat R@10 | cat med | cat i→t R@1 | Δcat R@1 (paired) | × vanilla | oracle share | " if has_category else ""
-        head += "inst t→i R@1 | inst R@5 | inst R@10 | inst med | inst i→t R@1 | Δinst R@1 |"
-        lines += [head, "|" + "---|" * (head.count("|") - 1)]
-        for label, st in block["strategies"].items():
-            t = st["test"]
-            row = f"| {label} | {st['variant']} | {100 * st['masked_fraction']:.2f}% | "
-            if has_category:
-                ratio = t["cat_t2i_R@1"][0] / van["cat_t2i_R@1"][0]
-                share = (st["delta_cat"][0] / oracle_gain) if oracle_gain is not None and oracle_gain > 1e-9 else None
-                row += (f"{_fmt(t['cat_t2i_R@1'])} | {_fmt(t['cat_t2i_R@5'])} | {_fmt(t['cat_t2i_R@10'])} | "
-                        f"{t['cat_t2i_median_rank'][0]:.1f} | {_fmt(t['cat_i2t_R@1'])} | {_fmt(st['delta_cat'])} | {ratio:.3f} | "
-                        f"{'n/a' if share is None else f'{100 * share:.0f}%'} | ")
-            row += (f"{_fmt(t['inst_t2i_R@1'])} | {_fmt(t['inst_t2i_R@5'])} | {_fmt(t['inst_t2i_R@10'])} | "
-                    f"{t['inst_t2i_median_rank'][0]:.1f} | {_fmt(t['inst_i2t_R@1'])} | {_fmt(st['delta_inst'])} |")
-            lines.append(row)
-    if report.get("sweep"):
-        metric = report["select_metric"]
-        for r, sw in report["sweep"].items():
-            lines += ["", f"## Validation sweep, regime `{r}`, frozen ({report['regimes'][r]['steps']} steps)", "",
-                      f"| variant | masked | precision (same category) | val {metric} | Δ (paired) | val inst t→i R@1 | Δinst |",
-                      "|---|---|---|---|---|---|---|"]
-            for name, row in sw.items():
-                prec = row.get("precision")
-                lines.append(f"| {name} | {100 * row['masked_fraction']:.3f}% | {'-' if prec is None else f'{100 * prec:.1f}%'} | "
-                             f"{_fmt(row['val'][metric])} | {_fmt(row['delta']) if 'delta' in row else '-'} | "
-                             f"{_fmt(row['val']['inst_t2i_R@1'])} | {_fmt(row['inst_delta']) if 'inst_delta' in row else '-'} |")
+        g = report["regimes"][r]
+        fn = g["false_negatives"]
+        sampler = g["sampler"] + (f" (share {g['share']:g}, image k-means k={s['crowding_groups']})" if g["sampler"] == "crowded" else "")
+        cat = (f"{100 * fn['category_pair_rate']:.3f}% | {fn['category_per_row']:.2f}" if fn["category_pair_rate"] is not None
+               else "- | -")
+        lines.append(f"| {r} | {g['rows']:,} | {sampler} | {g['steps']} | {100 * fn['exact_pair_rate']:.3f}% | "
+                     f"{fn['exact_per_row']:.2f} | {cat} |")
+    lines += ["", "## Steps chosen by vanilla on validation", "",
+              "| regime | " + " | ".join(f"{n} steps" for n in report["regimes"][regimes[0]]["step_curve"]) + " | chosen |",
+              "|---|" + "---|" * (len(report["regimes"][regimes[0]]["step_curve"]) + 1)]
+    for r in regimes:
+        curve = report["regimes"][r]["step_curve"]
+        lines.append(f"| {r} | " + " | ".join(_pm(v) for v in curve.values()) + f" | {report['regimes'][r]['steps']} |")
+    summary = report["summary"]
+    for proto, title in (("cat", "Category"), ("inst", "Instance")):
+        if proto == "cat" and not has_category:
+            continue
+        lines += ["", f"## {title} text→image R@1 on test", "",
+                  "Mean ± std over seeds; Δ paired with vanilla (same seed)"
+                  + ("; share = share of the oracle's gain, only where the oracle's gain exceeds its std." if proto == "cat" else "."),
+                  "",
+                  "| strategy | " + " | ".join(f"{r} ({report['regimes'][r]['steps']} steps) | Δ" for r in regimes) + " |",
+                  "|---|" + "---|---|" * len(regimes)]
+        for st in strategies:
+            cells = []
+            for r in regimes:
+                e = summary[r].get(st)
+                if e is None:
+                    cells += ["", ""]
+                    continue
+                share = e.get("oracle_share") if proto == "cat" and st not in ("oracle", "vanilla") else None
+                d = "" if st == "vanilla" else _delta(e["delta"][proto]) + (f" ({100 * share:.0f} %)" if share is not None else "")
+                cells += [_pm(e["test"][proto]["t2i_R@1"]), d]
+            lines.append(f"| {label[st]} | " + " | ".join(cells) + " |")
+    for r in regimes:
+        g = report["regimes"][r]
+        lines += ["", f"### Regime `{r}`: test, {g['steps']} steps, {s['seeds']} seeds", "",
+                  f"Masked = share of in-batch negative pairs the strategy masks on the first {MEASURE_BATCHES} training "
+                  "batches of seed 0 (`pair_weights` on the mined columns); precision = share of them in the same category.",
+                  ""]
+        head = "| strategy | masked | precision | "
+        for proto in (("cat", "inst") if has_category else ("inst",)):
+            head += f"{proto} t→i R@1 | R@5 | R@10 | median rank | {proto} i→t R@1 | "
+        lines += [head.rstrip() , "|" + "---|" * (head.count("|") - 1)]
+        for st in strategies:
+            e = summary[r].get(st)
+            if e is None:
+                continue
+            m = g["masked"][st]
+            precision = "-" if m["precision"] is None else f"{100 * m['precision']:.1f}%"
+            row = f"| {st} | {100 * m['masked_fraction']:.2f}% | {precision} | "
+            for proto in (("cat", "inst") if has_category else ("inst",)):
+                x = e["test"][proto]
+                row += (f"{_pm(x['t2i_R@1'])} | {_pm(x['t2i_R@5'])} | {_pm(x['t2i_R@10'])} | "
+                        f"{x['t2i_median_rank'][0]:.1f} | {_pm(x['i2t_R@1'])} | ")
+            lines.append(row.rstrip())
+    if report.get("pooling"):
+        first = s["poolings"][0]
+        single = report["regimes"].get("single", {}).get("steps")
+        lines += ["", "## Text embedding: mean pooling vs BERT's CLS pooler (vanilla, single regime, validation)", "",
+                  f"`build_dual_encoder(text_pooling=...)`, vanilla, {single} steps, {s['seeds']} seeds; Δ paired with `{first}`.",
+                  "", "| text pooling | " + ("category t→i R@1 | Δ | " if has_category else "") + "instance t→i R@1 | Δ |",
+                  "|---|" + ("---|---|" if has_category else "") + "---|---|"]
+        for p, e in report["pooling"].items():
+            cells = []
+            for proto in (("cat", "inst") if has_category else ("inst",)):
+                cells += [_pm(e[proto]["t2i_R@1"]), _delta(e["delta"][proto]) if "delta" in e else ""]
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -681,26 +770,25 @@ def plot(report: dict, path: Path, has_category: bool) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = "cat_t2i_R@1" if has_category else "inst_t2i_R@1"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"frozen": "o", "partial": "s"}
-    colours = {}
-    for key, block in report["final"].items():
-        r, depth = key.split("/")
-        rate = 100 * report["regimes"][r]["false_negatives"]["category_pair_rate" if has_category else "exact_pair_rate"]
-        van = block["strategies"]["vanilla"]["test"][metric][0]
-        for label, st in block["strategies"].items():
-            if label == "vanilla":
+    proto = "cat" if has_category else "inst"
+    rate_key = "category_pair_rate" if has_category else "exact_pair_rate"
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours: dict[str, str] = {}
+    for r, block in report["summary"].items():
+        rate = 100 * report["regimes"][r]["false_negatives"][rate_key]
+        for st, e in block.items():
+            if st == "vanilla":
                 continue
-            gain = st["test"][metric][0] - van
-            c = colours.setdefault(label, f"C{len(colours)}")
-            ax.errorbar(rate, gain, yerr=st["delta_cat" if has_category else "delta_inst"][1], fmt=markers[depth], color=c,
-                        label=f"{label}" if depth == "frozen" and r == "single" else None, capsize=3, alpha=0.85)
+            c = colours.setdefault(st, f"C{len(colours)}")
+            gain, std = e["delta"][proto]
+            ax.errorbar(rate, gain, yerr=std, fmt="o", color=c, capsize=3, alpha=0.85,
+                        label=st if list(report["summary"]).index(r) == 0 else None)
+        ax.annotate(r, (rate, 0), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8, color="grey")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("measured in-batch false-negative rate, % of pairs ("
-                  + ("same category)" if has_category else "same image or identical text)"))
-    ax.set_ylabel(f"test {metric} gain over vanilla (points)")
-    ax.set_title("Gain over vanilla vs false-negative rate (o frozen, s partial)")
+                  + ("same category)" if has_category else "same image or identical caption)"))
+    ax.set_ylabel(f"test {'category' if has_category else 'instance'} t→i R@1 gain over vanilla (points)")
+    ax.set_title("Gain over vanilla vs in-batch false negatives (ClipNegTrainer, frozen towers)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

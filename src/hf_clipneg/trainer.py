@@ -166,12 +166,13 @@ class ClipNegTrainer(Trainer):
             eval_dataset = without_image_decoding(eval_dataset, image_column)
         strategy = self.mining_config.strategy
         mined_per_row = 0 if strategy not in _STRATEGIES_WITH_MINED_TEXTS else args.mined_negatives_per_row
+        if args.tower_training is TowerTraining.FROZEN and args.cached_tower_features is not False:
+            model.to(args.device)  # the features' provenance includes the precision chosen for this device
         self.cached_tower_features = self._use_cached_features(args, data_collator, train_dataset, model, processing_class)
         mined_texts = (
             train_dataset is not None and mined_per_row != 0 and "negative_indices" in train_dataset.column_names
         )
         if self.cached_tower_features:
-            model.to(args.device)
             with args.main_process_first(desc="embedding the training and evaluation rows"):
                 train_dataset, eval_dataset = (
                     self._with_tower_features(part, model, processing_class, args) for part in (train_dataset, eval_dataset)
@@ -256,7 +257,6 @@ class ClipNegTrainer(Trainer):
             processor,
             image_column=self.mining_config.image_column,
             caption_column=self.mining_config.caption_column,
-            batch_size=args.per_device_eval_batch_size * 8,
             device=args.device,
         )
         # Only features and mining columns reach the collator: no image is decoded again.
