@@ -45,8 +45,9 @@ Steps:
    each strategy's masked in-batch pairs and their precision (same category) are measured with
    `hf_clipneg.mining.pair_weights` on the first 40 training batches of seed 0.
 4. Steps: per regime, vanilla trains for each of --step-candidates steps (separate runs: the linear schedule
-   depends on max_steps) and the count with the best mean validation category t->i R@1 (instance R@1 without
-   categories) is every strategy's budget in that regime. Those vanilla runs are the vanilla rows of the tables.
+   depends on max_steps) with the first --selection-seeds seeds (default 1: the budget), and the count with the
+   best mean validation category t->i R@1 (instance R@1 without categories) is every strategy's budget in that
+   regime. The runs at that count are vanilla's rows of the tables for those seeds.
 5. Test: every strategy, --seeds seeds (same initialisation and batch order per seed for every strategy);
    mean +- std over seeds and deltas paired with vanilla; "share" = share of the oracle's gain, printed only where
    the oracle's gain exceeds its own std. Relevance: `category` = an image with the query product's
@@ -69,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -125,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--step-candidates", default="120,240,360",
                    help="max_steps vanilla tries per regime; the best on validation is every strategy's budget")
+    p.add_argument("--selection-seeds", type=int, default=1,
+                   help="seeds of the vanilla runs that choose the steps (the first seeds of --seeds)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -514,20 +518,29 @@ def main(argv: list[str] | None = None) -> int:
     prep_s = time.perf_counter() - started
     logger.info("prepared in %.1fs; regimes %s, strategies %s, seeds %s, step candidates %s, %d worker(s)",
                 prep_s, list(ctx["regimes"]), args.strategy_list, seeds, candidates, args.workers)
+    # Everything prepared so far lives for the whole run: keep it out of the garbage collector, which
+    # accelerate runs at the end of every train() (halves a smoke run) and which would otherwise touch (and
+    # un-share) every forked page.
+    gc.collect()
+    gc.freeze()
     if args.workers > 1:
         import multiprocessing as mp
 
         _CTX["pool"] = mp.get_context("fork").Pool(args.workers)
 
     report: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items()}, "data": ctx["info"],
-                              "mining": ctx["mining"], "select_metric": f"validation {metric} t2i_R@1",
+                              "mining": ctx["mining"],
+                              "select_metric": ("category" if metric == "cat" else "instance") + " t→i R@1",
                               "regimes": {}, "runs": [], "timings": ctx["timings"]}
     report["settings"]["poolings"] = poolings
+    report["environment"] = _environment()
 
-    # 1. steps: vanilla at every candidate budget, on validation (and test: they are the vanilla rows)
+    # 1. steps: vanilla at every candidate budget on the selection seeds, on validation (and test: the runs at the
+    # chosen budget are vanilla's rows of the tables)
     t0 = time.perf_counter()
+    selection_seeds = seeds[: max(1, min(args.selection_seeds, len(seeds)))]
     specs = [{"kind": "select", "regime": r, "strategy": "vanilla", "seed": s, "steps": n, "pooling": poolings[0]}
-             for r in ctx["regimes"] for n in candidates for s in seeds]
+             for r in ctx["regimes"] for n in candidates for s in selection_seeds]
     selection = run_specs(specs, "vanilla step selection")
     report["timings"]["selection_s"] = time.perf_counter() - t0
     chosen: dict[str, int] = {}
@@ -542,10 +555,12 @@ def main(argv: list[str] | None = None) -> int:
                     {n: round(v[0], 2) for n, v in curve.items()}, chosen[r])
     runs = [x for x in selection if x["steps"] == chosen[x["regime"]]]
 
-    # 2. every other strategy at the chosen budget; other text poolings (vanilla, single, validation)
+    # 2. every strategy at the chosen budget (vanilla: the seeds the selection did not run); other text poolings
+    # (vanilla, single regime, validation)
     t0 = time.perf_counter()
     specs = [{"kind": "final", "regime": r, "strategy": st, "seed": s, "steps": chosen[r], "pooling": poolings[0]}
-             for r in ctx["regimes"] for st in args.strategy_list if st != "vanilla" for s in seeds]
+             for r in ctx["regimes"] for st in args.strategy_list for s in seeds
+             if st != "vanilla" or s not in selection_seeds]
     pool_regime = "single" if "single" in ctx["regimes"] else None
     if pool_regime is None and len(poolings) > 1:
         logger.warning("text pooling comparison skipped: it runs in the single regime, which --regimes leaves out")
@@ -598,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         "run_s_sum": float(np.sum([x["seconds"] for x in timed])),
         "total_s": time.perf_counter() - started,
     })
+    report["environment"]["load_average_end"] = os.getloadavg()
     tables = render_tables(report, args, has_category)
     (out_dir / "quality_tables.md").write_text(tables)
     (out_dir / "quality_results.json").write_text(json.dumps(report, indent=1, default=_json_default))
@@ -644,6 +660,20 @@ def summarise(runs: list[dict], regimes: list[str], strategies: list[str], has_c
     return out
 
 
+def _environment() -> dict[str, Any]:
+    import importlib.metadata as md
+    import platform
+
+    versions = {}
+    for name in ("hf_clipneg", "transformers", "datasets", "torch", "accelerate"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return {"versions": versions, "python": platform.python_version(), "cpus": os.cpu_count(),
+            "load_average_start": os.getloadavg()}
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
@@ -676,12 +706,16 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
         f"Towers {'tiny random (smoke)' if s['smoke'] else 'packaged EfficientNet-Lite0 + all-MiniLM-L6-v2'}, text "
         f"pooling `{s['poolings'][0]}`; AdamW lr {s['learning_rate']:g}, weight decay {s['weight_decay']:g}, linear "
         f"decay, batch {s['batch_size']}, {s['seeds']} seeds (same initialisation and batch order for every strategy), "
-        f"steps per regime chosen by vanilla on validation ({report['select_metric']}) among {s['step_candidates']}.",
+        f"steps per regime chosen by vanilla on validation ({report['select_metric']}) among {s['step_candidates']}. "
+        f"Relevance: category = an image of the query product's {', '.join(report['data']['category_columns']) or '-'}; "
+        f"instance = an image with exactly the query's caption.",
         "",
         f"Time: {t['total_s'] / 60:.1f} min in all on {s['workers']} worker process(es) x 1 torch thread: "
         f"preparation {t['prepare_s'] / 60:.1f} min (features from the datasets cache, mining), {t['runs']} training runs "
         f"of {t['run_s_mean']:.1f} s on average ({t['step_s_mean']:.3f} s per step of {s['batch_size']} rows, "
-        f"trainer set-up and 4 evaluations included in the run time).",
+        f"trainer set-up and 4 evaluations included in the run time); {report['environment']['cpus']} cores, load average "
+        f"{report['environment']['load_average_start'][1]:.1f} at the start, {report['environment']['load_average_end'][1]:.1f} "
+        f"at the end (5-min, other jobs included).",
         "",
         "## In-batch false negatives of each regime",
         "",
@@ -700,12 +734,16 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
                else "- | -")
         lines.append(f"| {r} | {g['rows']:,} | {sampler} | {g['steps']} | {100 * fn['exact_pair_rate']:.3f}% | "
                      f"{fn['exact_per_row']:.2f} | {cat} |")
+    n_sel = max(1, min(s["selection_seeds"], s["seeds"]))
     lines += ["", "## Steps chosen by vanilla on validation", "",
+              f"Vanilla's validation {report['select_metric']} after training for each candidate budget (separate "
+              f"runs, linear decay over each; seed{'s' if n_sel > 1 else ''} {', '.join(map(str, range(n_sel)))}).", "",
               "| regime | " + " | ".join(f"{n} steps" for n in report["regimes"][regimes[0]]["step_curve"]) + " | chosen |",
               "|---|" + "---|" * (len(report["regimes"][regimes[0]]["step_curve"]) + 1)]
     for r in regimes:
         curve = report["regimes"][r]["step_curve"]
-        lines.append(f"| {r} | " + " | ".join(_pm(v) for v in curve.values()) + f" | {report['regimes'][r]['steps']} |")
+        cells = [(_pm(v) if n_sel > 1 else f"{v[0]:.2f}") for v in curve.values()]
+        lines.append(f"| {r} | " + " | ".join(cells) + f" | {report['regimes'][r]['steps']} |")
     summary = report["summary"]
     for proto, title in (("cat", "Category"), ("inst", "Instance")):
         if proto == "cat" and not has_category:
