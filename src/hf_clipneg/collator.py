@@ -18,7 +18,12 @@ from .images import to_rgb
 SCALAR_META_COLUMNS = ("row_id", "image_cluster", "text_cluster", "group")
 LIST_META_COLUMNS = ("similar_image_clusters", "similar_text_clusters")
 FEATURE_META_COLUMNS = ("image_features", "text_features")
-META_COLUMNS = SCALAR_META_COLUMNS + LIST_META_COLUMNS + FEATURE_META_COLUMNS
+#: Batch key of each row's position in the training dataset (ClipNegTrainer adds it to every training
+#: dataset): in a gathered multi-process batch, equal positions are copies of one row (accelerate pads an
+#: uneven last batch by repeating rows) and never meet as negatives.
+ROW_INDEX = "row_index"
+META_COLUMNS = SCALAR_META_COLUMNS + LIST_META_COLUMNS + FEATURE_META_COLUMNS + (ROW_INDEX,)
+_DEFAULT_META_COLUMNS = SCALAR_META_COLUMNS + LIST_META_COLUMNS + FEATURE_META_COLUMNS
 
 
 def random_resized_crop_and_flip(image: Image.Image, rng: random.Random, min_scale: float = 0.7) -> Image.Image:
@@ -94,6 +99,10 @@ class ClipNegCollator:
         cached_features: feed the rows' `image_features` / `text_features` as the model's tower features.
         mined_text_features: with `cached_features` and mined negatives, `(row_id -> position, (N, D_text)
             features)` of the training rows (`text_features_by_row_id(dataset)`).
+        meta_columns: `{batch key: row column}` of the per-row metadata to pass (`row_id`, `row_index`, `group`,
+            `image_cluster`, ...). None (default): every mining column present in the rows, under its own name.
+            `ClipNegTrainer` sets it, so a user column that happens to be called `group` or `row_id` is never
+            read as mining metadata; group values reach the batch as the trainer's dataset-wide integer codes.
 
     Example:
         >>> from PIL import Image
@@ -117,6 +126,7 @@ class ClipNegCollator:
     tags_column: str = "tags"
     cached_features: bool = False
     mined_text_features: tuple[Mapping[int, int], np.ndarray] | None = None
+    meta_columns: Mapping[str, str] | None = None
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -135,7 +145,7 @@ class ClipNegCollator:
                 )
         images = []
         for position, row in enumerate(rows):
-            image = to_rgb(row[self.image_column], row=row.get("row_id", position), column=self.image_column)
+            image = to_rgb(row[self.image_column], row=self._row_number(row, position), column=self.image_column)
             images.append(random_resized_crop_and_flip(image, self._rng) if self.augment else image)
         texts = [str(row[self.caption_column]) for row in rows]
         batch: dict[str, torch.Tensor] = {}
@@ -206,17 +216,50 @@ class ClipNegCollator:
         weights = torch.where(indices >= 0, weights, torch.zeros_like(weights))
         return indices, weights
 
-    @staticmethod
-    def _metadata(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def _row_number(self, row: Mapping[str, Any], position: int) -> Any:
+        """The row number an error message names: the dataset position when known, else the batch position."""
+        for key in (ROW_INDEX, "row_id"):
+            column = (self.meta_columns or {}).get(key, key if self.meta_columns is None else None)
+            if column is not None and isinstance(row.get(column), (int, np.integer)):
+                return int(row[column])
+        return position
+
+    def _metadata(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         present = rows[0].keys()
+        sources = self.meta_columns if self.meta_columns is not None else {c: c for c in _DEFAULT_META_COLUMNS}
         meta: dict[str, torch.Tensor] = {}
-        for column in SCALAR_META_COLUMNS:
-            if column in present:
-                meta[column] = torch.tensor([int(row[column]) for row in rows], dtype=torch.long)
-        for column in LIST_META_COLUMNS:
-            if column in present:
-                meta[column] = _pad_ragged([row[column] for row in rows])
-        for column in FEATURE_META_COLUMNS:
-            if column in present:
-                meta[column] = torch.from_numpy(np.stack([np.asarray(row[column], dtype=np.float32) for row in rows]))
+        for key, column in sources.items():
+            if column not in present:
+                continue
+            if key in LIST_META_COLUMNS:
+                meta[key] = _pad_ragged([row[column] for row in rows])
+            elif key in FEATURE_META_COLUMNS:
+                meta[key] = torch.from_numpy(np.stack([np.asarray(row[column], dtype=np.float32) for row in rows]))
+            else:
+                meta[key] = torch.tensor([_integer(row[column], column, key) for row in rows], dtype=torch.long)
         return meta
+
+
+def _integer(value: Any, column: str, key: str) -> int:
+    """An integer metadata value (a cluster id, a row id, a group code); -1 for a missing group."""
+    if value is None and key == "group":
+        return -1
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return _integer(value.item(), column, key)
+    hint = (
+        " Group values of any type (strings such as 'SKU-000', integers, missing values) work with "
+        "ClipNegTrainer, which maps them to dataset-wide integer codes; with this collator on its own, map them "
+        "to integers first (e.g. hf_clipneg.mining.group_codes) or pass meta_columns= without 'group'."
+        if key == "group"
+        else f" Pass meta_columns= without {key!r}, or rename that column."
+    )
+    raise ValueError(
+        f"Column {column!r} holds {value!r} (a {type(value).__name__}), but the collator passes it as the "
+        f"integer metadata {key!r}.{hint}"
+    )

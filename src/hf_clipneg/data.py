@@ -46,6 +46,10 @@ class ForeignImagePathError(ValueError):
     """A dataset from the Hub points its images at files outside its own repository; they are never read."""
 
 
+class RemoteImageError(ValueError):
+    """The image column holds URLs (http://, https://, s3://, ...): images are never fetched at run time."""
+
+
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
@@ -76,6 +80,7 @@ def load_pairs(
     on_empty_caption: str = "error",
     on_missing_image: str = "error",
     split_required: bool = False,
+    on_missing_group: str = "error",
 ) -> Dataset:
     """Load image-caption pairs and rename their columns to `image`, `caption` (and `group`).
 
@@ -99,6 +104,10 @@ def load_pairs(
     read from this machine's disk) is never opened, and its rows raise a `ForeignImagePathError` (or are
     dropped with `on_missing_image="skip"`).
 
+    Group values may be strings (`"SKU-000"`), integers or any other scalar; rows without one raise a
+    `ValueError` naming them, unless `on_missing_group="keep"`: such rows then keep None and count as a group
+    of their own everywhere (never the same group as another row in mining, training or evaluation).
+
     With `split_required=True` a source without the split `split` (including sources that have no splits
     at all: files, in-memory and single saved datasets) raises `SplitNotFoundError` instead of loading
     its only rows.
@@ -113,6 +122,8 @@ def load_pairs(
     """
     _check_choice("on_empty_caption", on_empty_caption)
     _check_choice("on_missing_image", on_missing_image)
+    if on_missing_group not in ("error", "keep"):
+        raise ValueError(f"on_missing_group must be 'error' or 'keep', got {on_missing_group!r}.")
     if max_rows is not None and (not isinstance(max_rows, (int, np.integer)) or max_rows < 1):
         raise ValueError(f"max_rows must be a positive integer or None, got {max_rows!r}.")
     roles = {IMAGE_COLUMN: image_column, CAPTION_COLUMN: caption_column}
@@ -122,7 +133,7 @@ def load_pairs(
         raise ValueError(f"One column cannot play two roles: {roles}.")
 
     parts = _load_source(source, split, revision, token, data_dir, split_required)
-    prepared, missing_images, foreign_images, offset = [], [], [], 0
+    prepared, missing_images, foreign_images, url_images, offset = [], [], [], [], 0
     for part in parts:
         dataset = part.dataset
         if max_rows is not None:
@@ -131,8 +142,9 @@ def load_pairs(
             dataset = dataset.select(range(min(len(dataset), max_rows - offset)))
         _check_columns(dataset, roles, part.hint)
         dataset = _rename(dataset, roles)
-        dataset, missing, foreign = _prepare_images(dataset, part.base_dir, image_column, part.remote_repo)
+        dataset, missing, foreign, urls = _prepare_images(dataset, part.base_dir, image_column, part.remote_repo)
         missing_images += [(row + offset, path) for row, path in missing]
+        url_images += [(row + offset, path) for row, path in urls]
         foreign_images += [(row + offset, path) for row, path in foreign]
         prepared.append(dataset)
         offset += len(dataset)
@@ -156,6 +168,24 @@ def load_pairs(
             )
         logger.warning("Skipping those rows: %s", message)
         bad_rows.update(rows)
+    if url_images:
+        rows = [row for row, _ in url_images]
+        examples = "; ".join(f"row {row}: {path!r}" for row, path in url_images[:_SHOW_ROWS])
+        message = (
+            f"{len(rows)} image(s) in column {image_column!r} are URLs ({examples}"
+            f"{'; ...' if len(rows) > _SHOW_ROWS else ''}). Images are never downloaded at run time (feature "
+            "extraction, training and retrieval read local files or embedded bytes only)."
+        )
+        if on_missing_image == "error":
+            raise RemoteImageError(
+                f"{message} Download them first, on a machine that can reach them: e.g. "
+                "`ds = load_dataset('csv', data_files=...)['train'].cast_column("
+                f"{image_column!r}, datasets.Image()); ds.save_to_disk('local_copy')` embeds every image's bytes "
+                "(or write the files to disk and put their paths in the column); then load the local copy. Or "
+                "pass on_missing_image='skip' to drop those rows."
+            )
+        logger.warning("Skipping those rows: %s", message)
+        bad_rows.update(rows)
     if missing_images:
         rows = [row for row, _ in missing_images]
         examples = "; ".join(f"row {row}: {path!r}" for row, path in missing_images[:_SHOW_ROWS])
@@ -170,10 +200,16 @@ def load_pairs(
         bad_rows.update(rows)
 
     empty_rows, null_groups = _scan_values(dataset, group_column is not None)
-    if null_groups:
+    if null_groups and on_missing_group == "keep":
+        logger.warning(
+            "The group column %r has no value in %s: each of those rows counts as a group of its own.",
+            group_column, _rows_summary(null_groups),
+        )
+    elif null_groups:
         raise ValueError(
             f"The group column {group_column!r} has no value in {_rows_summary(null_groups)}. Fill those "
-            "values (e.g. with a unique id per row) or drop the rows before loading."
+            "values (e.g. with a unique id per row) or drop the rows before loading, or pass on_missing_group='keep' "
+            "to let each of those rows be a group of its own."
         )
     if empty_rows:
         if on_empty_caption == "error":
@@ -525,14 +561,49 @@ def _rename(dataset: Dataset, roles: dict[str, str]) -> Dataset:
     return dataset.rename_columns(mapping) if mapping else dataset
 
 
+def map_cache_file(dataset: Dataset, fingerprint: str) -> str | None:
+    """Where a `dataset.map` with `new_fingerprint=fingerprint` may write its result.
+
+    None (datasets' own choice: beside the dataset's cache files) when that folder is writable or the dataset
+    has no cache files; otherwise (a `save_to_disk` folder on a read-only disk or mount) a file in the datasets
+    cache folder (`datasets.config.HF_DATASETS_CACHE`), so that the step still runs and its result is cached.
+    """
+    files = getattr(dataset, "cache_files", None) or []
+    if not files:
+        return None
+    folder = os.path.dirname(os.path.abspath(files[0]["filename"]))
+    if os.access(folder, os.W_OK):
+        return None
+    from datasets import config
+
+    target = os.path.join(str(config.HF_DATASETS_CACHE), "hf_clipneg", "from_read_only_folders")
+    os.makedirs(target, exist_ok=True)
+    logger.info("The folder %s is read-only: caching this step's result in %s instead.", folder, target)
+    return os.path.join(target, f"cache-{fingerprint}.arrow")
+
+
+def _cached_map(dataset: Dataset, function: Any, name: str, fn_kwargs: dict[str, Any], **kwargs: Any) -> Dataset:
+    """`dataset.map(function, ...)` with a fingerprint of its own and a cache file that is writable."""
+    from datasets.fingerprint import Hasher
+
+    fingerprint = Hasher.hash([dataset._fingerprint, "hf_clipneg", name, fn_kwargs])
+    return dataset.map(
+        function, fn_kwargs=fn_kwargs, new_fingerprint=fingerprint,
+        cache_file_name=map_cache_file(dataset, fingerprint), **kwargs,
+    )
+
+
 def _is_url(path: str) -> bool:
     return "://" in path
 
 
 def _prepare_images(
     dataset: Dataset, base_dir: str | None, user_column: str, remote_repo: str | None = None
-) -> tuple[Dataset, list[tuple[int, str]], list[tuple[int, str]]]:
+) -> tuple[Dataset, list[tuple[int, str]], list[tuple[int, str]], list[tuple[int, str]]]:
     """Cast the image column to `Image()`, resolve relative paths and list rows whose file is missing.
+
+    The fourth list holds rows of a local source whose image is a URL without embedded bytes: they cannot be
+    read offline (nothing is downloaded at run time).
 
     For a Hub dataset (`remote_repo`) nothing is resolved on the local filesystem: a value without bytes
     must be a file of that repository (its folder in the Hub cache, or an `hf://datasets/<repo>` URL);
@@ -555,6 +626,7 @@ def _prepare_images(
 
     missing: list[tuple[int, str]] = []
     foreign: list[tuple[int, str]] = []
+    urls: list[tuple[int, str]] = []
     allowed = _repo_locations(remote_repo) if remote_repo else None
     relative = False
     offset = 0
@@ -574,6 +646,7 @@ def _prepare_images(
                     missing.append((offset + int(position), path))
                 continue
             if _is_url(path):
+                urls.append((offset + int(position), path))
                 continue
             if not os.path.isabs(path):
                 relative = True
@@ -584,24 +657,28 @@ def _prepare_images(
 
     if foreign:
         # Never leave a foreign path in the rows: a later save/push (which embeds files) would read it.
-        dataset = dataset.map(
+        dataset = _cached_map(
+            dataset,
             _drop_foreign_paths,
+            "drop_foreign_paths",
+            {"allowed": allowed},
             batched=True,
             input_columns=[IMAGE_COLUMN],
-            fn_kwargs={"allowed": allowed},
             features=dataset.features,
             desc="Dropping foreign image paths",
         )
     if relative:
-        dataset = dataset.map(
+        dataset = _cached_map(
+            dataset,
             _absolute_paths,
+            "absolute_paths",
+            {"base": base},
             batched=True,
             input_columns=[IMAGE_COLUMN],
-            fn_kwargs={"base": base},
             features=dataset.features,
             desc="Resolving image paths",
         )
-    return dataset.cast_column(IMAGE_COLUMN, Image(mode=mode)), missing, foreign
+    return dataset.cast_column(IMAGE_COLUMN, Image(mode=mode)), missing, foreign, urls
 
 
 def _repo_locations(repo_id: str) -> tuple[str, tuple[str, ...]]:
@@ -697,4 +774,5 @@ __all__ = [
     "BadImageError",
     "SplitNotFoundError",
     "ForeignImagePathError",
+    "RemoteImageError",
 ]

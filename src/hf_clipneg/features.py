@@ -23,7 +23,7 @@ from datasets import Dataset
 from datasets import Image as ImageFeature
 from datasets.fingerprint import Hasher
 
-from .data import blank_captions
+from .data import blank_captions, map_cache_file
 from .encoding import as_clipneg_model, autocast_dtype, encode_images, encode_texts, text_max_length
 from .images import BadImageError, to_rgb
 
@@ -367,6 +367,7 @@ def compute_features(
         with_indices=True,
         num_proc=num_proc,
         new_fingerprint=fingerprint,
+        cache_file_name=map_cache_file(source, fingerprint),
         desc=f"Embedding {len(set(images))} distinct images and {len(set(captions))} distinct captions",
     )
     if undecoded:

@@ -43,7 +43,14 @@ RETRIEVAL_METRIC_PATH = str(Path(__file__).resolve().parent / "retrieval_metric"
 
 _WHITESPACE = re.compile(r"\s+")
 
-__all__ = ["RETRIEVAL_METRIC_PATH", "TIE_TOLERANCE", "groups_from_captions", "load_retrieval_metric", "retrieval_metrics"]
+__all__ = [
+    "RETRIEVAL_METRIC_PATH",
+    "TIE_TOLERANCE",
+    "groups_from_captions",
+    "load_retrieval_metric",
+    "retrieval_metrics",
+    "trivial_recall_ks",
+]
 
 
 def groups_from_captions(captions: Iterable[str], normalise: bool = True) -> np.ndarray:
@@ -119,6 +126,8 @@ def retrieval_metrics(
                 len(images),
                 len(texts),
             )
+
+    _warn_if_trivial(text_ids, image_ids, ks)
 
     t2i = _first_relevant_ranks(texts, images, text_ids, image_ids, chunk_size)
     i2t = _first_relevant_ranks(images, texts, image_ids, text_ids, chunk_size)
@@ -214,6 +223,44 @@ def _labels(groups: Any, name: str, expected: int) -> list[Hashable]:
         if not isinstance(label, Hashable):
             raise TypeError(f"{name} row {row} is a {type(label).__name__}, which cannot be used as a group label.")
     return labels
+
+
+def trivial_recall_ks(query_ids: Any, gallery_ids: Any, ks: Sequence[int]) -> list[int]:
+    """The Ks at which Recall@K is 100 by construction: every query's group covers all but fewer than K of the
+    gallery, so even a model that ranks at random finds a relevant item in the top K.
+
+    Example:
+        >>> trivial_recall_ks([0, 0, 0], [0, 0, 0], (1, 5))  # one group: every metric is meaningless
+        [1, 5]
+        >>> trivial_recall_ks([0, 1, 2], [0, 1, 2], (1, 5))  # 3 items, each its own group: R@5 >= gallery
+        [5]
+    """
+    query = torch.as_tensor(query_ids).long().flatten()
+    gallery = torch.as_tensor(gallery_ids).long().flatten()
+    if query.numel() == 0 or gallery.numel() == 0:
+        return []
+    labels, counts = torch.unique(gallery, return_counts=True)
+    position = torch.searchsorted(labels, query).clamp(max=labels.numel() - 1)
+    relevant = torch.where(labels[position] == query, counts[position], torch.zeros_like(position))
+    worst_rank = int((gallery.numel() - relevant).max()) + 1  # all irrelevant items ranked first
+    return [int(k) for k in ks if worst_rank <= k]
+
+
+def _warn_if_trivial(text_ids: torch.Tensor, image_ids: torch.Tensor, ks: Sequence[int]) -> None:
+    """Warn when the relevance groups (not the gallery size, warned about separately) make a Recall@K 100 for
+    any model: e.g. an eval split whose captions are all identical forms a single group."""
+    n_groups = int(torch.unique(torch.cat([text_ids.flatten(), image_ids.flatten()])).numel())
+    small = [k for k in ks if k <= len(image_ids) and k <= len(text_ids)]
+    trivial = sorted(set(trivial_recall_ks(text_ids, image_ids, small)) | set(trivial_recall_ks(image_ids, text_ids, small)))
+    if trivial:
+        logger.warning(
+            "Recall@%s %s meaningless here: the %d images / %d texts form only %d relevance group(s), so every "
+            "query finds an item of its own group in the top K whatever the model does (an untrained model scores "
+            "100). Evaluate on rows with more distinct groups (captions or retrieval_group_column values); do not "
+            "select checkpoints by %s.",
+            "/".join(map(str, trivial)), "is" if len(trivial) == 1 else "are", len(image_ids), len(text_ids),
+            n_groups, "this metric" if len(trivial) == 1 else "these metrics",
+        )
 
 
 def _check_every_query_has_a_match(

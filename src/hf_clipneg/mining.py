@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .clustering import CLUSTERING_BACKENDS, cluster_features, default_n_clusters
 from .clustering.kmeans import ASSIGNMENT_METHODS
+from .data import map_cache_file
 from .features import IMAGE_FEATURES, TEXT_FEATURES, compute_features, has_feature_columns
 
 logger = logging.getLogger(__name__)
@@ -507,7 +508,11 @@ class MiningStats:
     bound on the false-negative rate); ``group_pair_rate``: share in the same group.
     ``evidence_precision``: share of flagged in-batch pairs that are exact-caption duplicates;
     ``evidence_recall``: share of exact-caption duplicate pairs (up to 4,096 sampled over the whole
-    data set) that the evidence flags. None where there was nothing to measure.
+    data set) that the evidence flags. ``median_pair_image_cosine``: median image-feature cosine of the
+    in-batch pairs (near 1: the images, or the towers' features, are all alike). ``unreadable_captions``:
+    rows whose caption the tokenizer reads as mostly unknown tokens (e.g. emoji-only captions with an
+    English vocabulary), with up to 5 ``unreadable_caption_examples``; None when no tokenizer was at hand
+    (precomputed features) or the tokenizer has no unknown token. None where there was nothing to measure.
     """
 
     n_rows: int = 0
@@ -533,6 +538,9 @@ class MiningStats:
     group_pair_rate: float | None = None
     evidence_precision: float | None = None
     evidence_recall: float | None = None
+    median_pair_image_cosine: float | None = None
+    unreadable_captions: int | None = None
+    unreadable_caption_examples: list[str] = field(default_factory=list)
     hint: str = ""
     seconds: float = 0.0
 
@@ -559,12 +567,53 @@ class MiningStats:
         return "\n".join(lines) + f"\n\n{self.hint}\n"
 
 
+def describe_evidence(config: MiningConfig) -> str:
+    """The configured evidence in words, with its thresholds (for warnings and hints).
+
+    Example:
+        >>> describe_evidence(MiningConfig(evidence="pair_cosine", image_cosine_threshold=0.9))
+        'evidence=pair_cosine: image cosine > 0.9'
+    """
+    evidence = config.evidence
+    if evidence == DuplicateEvidence.PAIR_COSINE:
+        text = f"image cosine > {config.image_cosine_threshold:.4g}"
+        if config.text_cosine_threshold is not None:
+            text += f" and text cosine > {config.text_cosine_threshold:.4g}"
+    elif evidence == DuplicateEvidence.GROUP:
+        text = f"same value of {config.group_column!r}"
+    elif evidence == DuplicateEvidence.ANY:
+        parts = [f"same value of {config.group_column!r}"] if config.group_column else []
+        if config.image_cosine_threshold is not None:
+            parts.append(f"image cosine > {config.image_cosine_threshold:.4g}")
+        if config.text_cosine_threshold is not None:
+            parts.append(f"text cosine > {config.text_cosine_threshold:.4g}")
+        text = " or ".join(parts)
+    elif evidence == DuplicateEvidence.IMAGE_AND_TEXT_CLUSTER:
+        text = "same or similar image cluster and text cluster"
+    else:
+        text = "same or similar image cluster"
+    if config.strategy == NegativeStrategy.RANDOM:
+        return f"strategy=random drops {config.random_drop_fraction or 0:.0%} of pairs, the share {text} flags"
+    return f"evidence={evidence.value}: {text}"
+
+
 def _normalise_caption(text: Any) -> str:
     return re.sub(r"\s+", " ", str(text).strip().lower())
 
 
-def _hint(per_batch: float, batch_size: int) -> str:
+#: A rule that masks more than this share of the in-batch negatives leaves training almost nothing to learn from.
+DEGENERATE_MASKED_FRACTION = 0.5
+
+
+def _hint(per_batch: float, batch_size: int, masked_fraction: float = 0.0, evidence: str = "") -> str:
     per_row = per_batch / batch_size if batch_size else 0.0
+    if masked_fraction > DEGENERATE_MASKED_FRACTION:
+        return (
+            f"The rule masks {masked_fraction:.0%} of the in-batch negatives ({evidence}): batches are degenerate "
+            "and training sees almost no negatives (the loss is near 0 and teaches little). Check the images (all "
+            "identical, or a placeholder image repeated?) and the towers (features all near-identical?), or make the "
+            "evidence stricter (a higher image_cosine_threshold, pair_quantile) or use strategy='vanilla'."
+        )
     if per_row < 0.05:
         return (
             f"Exact-caption duplicates are rare here ({per_batch:.2f} per batch of {batch_size}): masking false "
@@ -644,6 +693,9 @@ class NegativeMiner:
     def __init__(self, config: MiningConfig | None = None) -> None:
         self.config = dataclasses.replace(config) if config is not None else MiningConfig()
         self.fitted = False
+        # mine_negatives turns this off when the dataset has a column `group` of its own that is not the
+        # group column: that column is kept as it is (the trainer codes the group column itself).
+        self.write_group_codes = True
 
     # ---- fitting -------------------------------------------------------------------------------
 
@@ -733,7 +785,7 @@ class NegativeMiner:
 
         self.groups = None
         if groups is not None:
-            self.groups = _group_codes(groups, n_rows)
+            self.groups = group_codes(groups, n_rows, config.group_column or "group")
         elif config.evidence == DuplicateEvidence.GROUP:
             raise ValueError(f"evidence='group' needs the group column {config.group_column!r}.")
         self.caption_codes = _caption_codes(captions, n_rows) if captions is not None else None
@@ -879,11 +931,14 @@ class NegativeMiner:
         size = min(config.stats_batch_size, valid_rows.size)
         evidence_config = dataclasses.replace(config, strategy=NegativeStrategy.CLUSTER)
         flagged = pairs = dup = dup_flagged = same_group = 0
+        cosines = []
         for _ in range(config.stats_num_batches):
             rows = rng.choice(valid_rows, size=size, replace=False)
             batch = self.batch_tensors(rows)
             off = ~torch.eye(size, dtype=torch.bool)
             flags = evidence_flags(batch, batch, evidence_config) & off
+            image = batch[IMAGE_FEATURES].float()
+            cosines.append((image @ image.T)[off])
             flagged += int(flags.sum())
             pairs += size * (size - 1)
             if self.caption_codes is not None:
@@ -927,9 +982,14 @@ class NegativeMiner:
             stats.caption_duplicates_per_batch = stats.caption_duplicate_pair_rate * size * (size - 1)
             stats.evidence_precision = dup_flagged / flagged if flagged else None
             stats.evidence_recall = self._caption_recall(valid_rows, rng, evidence_config)
-            stats.hint = _hint(stats.caption_duplicates_per_batch, size)
+            stats.hint = _hint(
+                stats.caption_duplicates_per_batch, size, stats.strategy_masked_fraction, describe_evidence(config)
+            )
+        elif stats.strategy_masked_fraction > DEGENERATE_MASKED_FRACTION:
+            stats.hint = _hint(0.0, size, stats.strategy_masked_fraction, describe_evidence(config))
         else:
             stats.hint = "No caption column: the false-negative rate of a batch could not be estimated."
+        stats.median_pair_image_cosine = float(torch.cat(cosines).median()) if cosines else None
         if self.groups is not None:
             stats.group_pair_rate = same_group / pairs
         return stats
@@ -1079,7 +1139,7 @@ class NegativeMiner:
         if self.text is not None:
             out["text_cluster"] = self.text.labels[rows]
             out["similar_text_clusters"] = _lists(self.text, self.text.labels[rows])
-        if self.groups is not None:
+        if self.groups is not None and self.write_group_codes:
             out["group"] = self.groups[rows]
         return out
 
@@ -1095,7 +1155,7 @@ class NegativeMiner:
         if self.text is not None:
             features["text_cluster"] = Value("int32")
             features["similar_text_clusters"] = List(Value("int32"))
-        if self.groups is not None:
+        if self.groups is not None and self.write_group_codes:
             features["group"] = Value("int64")
         return features
 
@@ -1202,17 +1262,36 @@ def _normalise_rows(features: np.ndarray, valid: np.ndarray, in_place: bool = Fa
     return out
 
 
-def _group_codes(groups: Any, n_rows: int) -> np.ndarray:
-    values = list(groups)
-    if len(values) != n_rows:
-        raise ValueError(f"The group column has {len(values)} values for {n_rows} rows.")
-    codes = np.full(n_rows, -1, dtype=np.int64)
+def group_codes(groups: Any, n_rows: int | None = None, column: str = "group") -> np.ndarray:
+    """(N,) int64 codes of a group column: equal values share a code (in order of first appearance), a
+    missing value (None, NaN) gets -1 (a group of its own: never the same group as another row).
+
+    Values may be of any hashable type: strings ("SKU-000", "Wallets|Grey|Women"), integers, ... Computed
+    once for a whole dataset, so codes agree across batches and processes.
+
+    Example:
+        >>> group_codes(["SKU-1", "SKU-2", None, "SKU-1"]).tolist()
+        [0, 1, -1, 0]
+    """
+    values = groups.tolist() if isinstance(groups, np.ndarray) else list(groups)
+    if n_rows is not None and len(values) != n_rows:
+        raise ValueError(f"The group column {column!r} has {len(values)} values for {n_rows} rows.")
+    codes = np.full(len(values), -1, dtype=np.int64)
     seen: dict[Any, int] = {}
     for i, value in enumerate(values):
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue
-        codes[i] = seen.setdefault(value, len(seen))
+        try:
+            codes[i] = seen.setdefault(value, len(seen))
+        except TypeError:
+            raise TypeError(
+                f"The group column {column!r} holds {value!r} (a {type(value).__name__}) in row {i}, which cannot be "
+                "a group value: use one scalar per row (a string or an integer id)."
+            ) from None
     return codes
+
+
+_group_codes = group_codes
 
 
 def _caption_codes(captions: Any, n_rows: int) -> np.ndarray:
@@ -1293,6 +1372,23 @@ def mine_negatives(
     config = dataclasses.replace(config) if config is not None else MiningConfig()
     if len(dataset) < 2:
         raise ValueError(f"Mining needs at least 2 rows, got {len(dataset)}.")
+    existing = [c for c in ("image_cluster", "negative_indices") if c in dataset.column_names]
+    if existing:
+        raise ValueError(
+            f"The dataset already has mining columns {existing + (['row_id'] if 'row_id' in dataset.column_names else [])}: "
+            "mine the original dataset, or remove them first (`ds.remove_columns([...])`)."
+        )
+    if "row_id" in dataset.column_names:
+        kept = _free_name(dataset, "row_id_original")
+        logger.warning(
+            "The dataset has a column 'row_id' of its own: it is kept as %r, since mining writes each row's position "
+            "to 'row_id' (mined negatives refer to it).", kept,
+        )
+        dataset = dataset.rename_column("row_id", kept)
+    if model is None and not has_feature_columns(dataset):
+        from .towers import build_dual_encoder
+
+        model, processor = build_dual_encoder()
     if not has_feature_columns(dataset):
         dataset = compute_features(
             dataset,
@@ -1309,16 +1405,17 @@ def mine_negatives(
         from .features import check_captions
 
         check_captions(dataset, config.caption_column)
-    existing = [c for c in ("row_id", "image_cluster", "negative_indices") if c in dataset.column_names]
-    if existing:
-        raise ValueError(
-            f"The dataset already has mining columns {existing}: mine the original dataset, or remove them first "
-            "(`ds.remove_columns([...])`)."
-        )
     miner = NegativeMiner(config).fit(dataset)
+    if config.group_column not in (None, "group") and "group" in dataset.column_names:
+        logger.info(
+            "Keeping the dataset's own column 'group' as it is: the group codes of %r are not written into it.",
+            config.group_column,
+        )
+        miner.write_group_codes = False
     remove = [] if config.store_features else [IMAGE_FEATURES, TEXT_FEATURES]
     features = Features({name: feature for name, feature in dataset.features.items() if name not in remove})
     features.update(miner.output_features())
+    fingerprint = miner.fingerprint(dataset._fingerprint)
     mined = dataset.map(
         miner,
         batched=True,
@@ -1327,7 +1424,8 @@ def mine_negatives(
         remove_columns=remove or None,
         features=features,
         num_proc=num_proc,
-        new_fingerprint=miner.fingerprint(dataset._fingerprint),
+        new_fingerprint=fingerprint,
+        cache_file_name=map_cache_file(dataset, fingerprint),
         desc="Mining negatives",
     )
     mined._info = mined.info.copy()
@@ -1337,8 +1435,66 @@ def mine_negatives(
     stats = miner.stats
     if config.negatives_per_row:
         stats.rows_with_fewer_negatives, stats.fewer_negatives_reasons = _short_rows(mined, miner, config.negatives_per_row)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None and config.caption_column in dataset.column_names:
+        captions = dataset.with_format("arrow")[config.caption_column]
+        captions = (captions.column(0) if isinstance(captions, pa.Table) else captions).to_pylist()
+        unreadable = unreadable_caption_rows(captions, tokenizer)
+        if unreadable is not None:
+            stats.unreadable_captions = int(unreadable.size)
+            stats.unreadable_caption_examples = list(dict.fromkeys(captions[i] for i in unreadable))[:5]
+            if unreadable.size:
+                logger.warning(
+                    "%d of %d captions are mostly tokens the tokenizer does not know (e.g. %s): each becomes "
+                    "[UNK]s, so they all get (nearly) the same text vector although they count as distinct "
+                    "captions, and the text tower learns nothing from them. Use a text tower whose vocabulary "
+                    "covers them (a multilingual tower, e.g. a multilingual BERT/XLM-R tokenizer, or a byte-level "
+                    "one), or rewrite those captions in words.",
+                    unreadable.size, len(captions), ", ".join(repr(c) for c in stats.unreadable_caption_examples[:3]),
+                )
+    if stats.strategy_masked_fraction > DEGENERATE_MASKED_FRACTION:
+        logger.warning(
+            "Degenerate batches: the rule masks %.0f%% of the in-batch negatives (%s; median in-batch image cosine "
+            "%.4f). Training would see almost no negatives and its loss would be near 0. %s",
+            100 * stats.strategy_masked_fraction, describe_evidence(miner.config),
+            stats.median_pair_image_cosine if stats.median_pair_image_cosine is not None else float("nan"),
+            "Check for identical or placeholder images and towers whose features are all alike, or make the "
+            "evidence stricter (higher image_cosine_threshold, pair_quantile) or train with strategy='vanilla'.",
+        )
     logger.info("Mining statistics:\n%s", stats.to_markdown())
     return mined, stats
+
+
+def unreadable_caption_rows(captions: list[str], tokenizer: Any, share: float = 0.5) -> np.ndarray | None:
+    """Rows whose caption the tokenizer reads as mostly (more than `share` of its tokens) unknown tokens, e.g.
+    emoji-only captions with an English word-piece vocabulary. None when the tokenizer has no unknown token
+    (byte-level tokenizers read everything).
+
+    Example:
+        >>> from hf_clipneg.testing import build_tiny_tokenizer
+        >>> unreadable_caption_rows(["a red circle", "\U0001F457\U0001F534"], build_tiny_tokenizer()).tolist()
+        [1]
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return None
+    distinct = list(dict.fromkeys(str(c) for c in captions))
+    bad: set[str] = set()
+    for start in range(0, len(distinct), 1024):
+        chunk = distinct[start : start + 1024]
+        ids = tokenizer(chunk, add_special_tokens=False, truncation=True, max_length=512)["input_ids"]
+        for caption, tokens in zip(chunk, ids):
+            if not tokens or sum(t == unk for t in tokens) > share * len(tokens):
+                bad.add(caption)
+    return np.asarray([i for i, c in enumerate(captions) if str(c) in bad], dtype=np.int64)
+
+
+def _free_name(dataset: Dataset, name: str) -> str:
+    candidate, number = name, 1
+    while candidate in dataset.column_names:
+        number += 1
+        candidate = f"{name}_{number}"
+    return candidate
 
 
 def _short_rows(mined: Dataset, miner: NegativeMiner, m: int) -> tuple[int, dict[str, int]]:

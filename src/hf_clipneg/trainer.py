@@ -12,17 +12,20 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 
+from .data import map_cache_file
 from .images import without_image_decoding
 from .collator import (
     FEATURE_META_COLUMNS,
     LIST_META_COLUMNS,
     META_COLUMNS,
+    ROW_INDEX,
     ClipNegCollator,
     captions_by_row_id,
     text_features_by_row_id,
@@ -32,13 +35,27 @@ from .features import compute_features, feature_provenance, has_feature_columns,
 from .losses import WeightedContrastiveLoss, gather_metadata
 from .losses.tag_distillation import TagSelfDistillationLoss, ttd_loss_term
 from .metrics import groups_from_captions, retrieval_metrics
-from .mining import CONFIG_PREFIX, MiningConfig, NegativeStrategy, pair_weights
+from .mining import (
+    CONFIG_PREFIX,
+    DEGENERATE_MASKED_FRACTION,
+    DuplicateAction,
+    DuplicateEvidence,
+    MiningConfig,
+    NegativeStrategy,
+    describe_evidence,
+    group_codes,
+    pair_weights,
+)
 from .samplers import ClusterSpreadSampler, CrowdedBatchSampler
 from .training_args import ClipNegTrainingArguments, TowerTraining
 
 logger = logging.getLogger(__name__)
 
 TAG_BATCH_KEYS = ("tag_input_ids", "tag_attention_mask", "tag_mask")
+#: Columns ClipNegTrainer adds to its training dataset: each row's position (which copies of one row in a
+#: gathered batch share) and the dataset-wide integer code of its group value (any type in the dataset).
+ROW_INDEX_COLUMN = "_hf_clipneg_row_index"
+GROUP_CODE_COLUMN = "_hf_clipneg_group_code"
 _STRATEGIES_WITH_MINED_TEXTS = (NegativeStrategy.CLUSTER, NegativeStrategy.CLUSTER_WEIGHTED)
 
 
@@ -160,6 +177,8 @@ class ClipNegTrainer(Trainer):
         image_column = self.mining_config.image_column
         if train_dataset is not None:
             train_dataset = self._drop_skipped_rows(without_image_decoding(train_dataset, image_column))
+        train_dataset, meta_columns = self._with_training_metadata(train_dataset)
+        collator_given = data_collator is not None
         if isinstance(eval_dataset, dict):
             eval_dataset = {name: without_image_decoding(part, image_column) for name, part in eval_dataset.items()}
         elif eval_dataset is not None:
@@ -196,8 +215,13 @@ class ClipNegTrainer(Trainer):
                 ttd_max_tags=args.ttd_max_tags if args.ttd_weight > 0 else 0,
                 tags_column=args.ttd_tags_column,
             )
+        eval_meta = None
+        if not collator_given and isinstance(data_collator, ClipNegCollator):
+            data_collator = dataclasses.replace(data_collator, meta_columns=meta_columns)
+            eval_meta = {c: c for c in FEATURE_META_COLUMNS}  # evaluation reads no mining metadata
         self.eval_collator = (
-            dataclasses.replace(data_collator, mined_negatives_per_row=0, augment=False, ttd_max_tags=0)
+            dataclasses.replace(data_collator, mined_negatives_per_row=0, augment=False, ttd_max_tags=0,
+                                **({"meta_columns": eval_meta} if eval_meta is not None else {}))
             if isinstance(data_collator, ClipNegCollator)
             else data_collator
         )
@@ -308,6 +332,104 @@ class ClipNegTrainer(Trainer):
             skipped.size, skipped[:10].tolist(), " ..." if skipped.size > 10 else "",
         )
         return dataset.select(np.flatnonzero(clusters >= 0))
+
+    def _with_training_metadata(self, dataset: Any) -> tuple[Any, dict[str, str] | None]:
+        """`dataset` with the trainer's metadata columns, and `{batch key: column}` for the collator.
+
+        Every training row gets a unique index (`row_index`: copies of one row in a gathered batch are never each
+        other's negatives): the mining step's `row_id` when it holds unique integers, else a column of positions.
+        When the rule reads groups, group values of any type (strings, integers, missing values) reach the batch
+        as dataset-wide integer codes, computed once so codes agree across batches and processes (an integer
+        column, such as the codes the mining step writes, is used as it is). Only mining columns are read as
+        mining metadata: a user column that happens to be called `group` or `row_id` is left alone.
+        """
+        if dataset is None or not hasattr(dataset, "add_column"):
+            return dataset, None
+        # Mining columns by their own names (the feature columns may only appear later: the cached-tower path).
+        meta = {c: c for c in ("image_cluster", "text_cluster", *LIST_META_COLUMNS, *FEATURE_META_COLUMNS)}
+        for name in (ROW_INDEX_COLUMN, GROUP_CODE_COLUMN):
+            if name in dataset.column_names:
+                dataset = dataset.remove_columns(name)
+        added: dict[str, np.ndarray] = {}
+        if self._has_row_ids(dataset):
+            meta[ROW_INDEX] = meta["row_id"] = "row_id"
+        else:
+            added[ROW_INDEX_COLUMN] = np.arange(len(dataset), dtype=np.int64)
+            meta[ROW_INDEX] = meta["row_id"] = ROW_INDEX_COLUMN
+        source = self._group_source(dataset)
+        if source is not None:
+            values = dataset.select_columns([source]).with_format("arrow")[source]
+            values = values.column(0) if hasattr(values, "column") else values
+            mined_codes = source == "group" and CONFIG_PREFIX in (dataset.info.description or "")
+            if mined_codes and pa.types.is_integer(values.type):
+                meta["group"] = source  # the mining step's codes of the group column (-1: no group)
+            else:
+                added[GROUP_CODE_COLUMN] = group_codes(values.to_pylist(), len(dataset), column=source)
+                meta["group"] = GROUP_CODE_COLUMN
+        if added and getattr(dataset, "_indices", None) is not None:
+            from datasets.fingerprint import Hasher
+
+            # add_column needs a flat table; never write it beside a read-only input
+            fingerprint = Hasher.hash([dataset._fingerprint, "hf_clipneg.flatten_indices"])
+            dataset = dataset.flatten_indices(cache_file_name=map_cache_file(dataset, fingerprint), new_fingerprint=fingerprint)
+        for name, column in added.items():
+            dataset = dataset.add_column(name, column)
+        return dataset, meta
+
+    @staticmethod
+    def _has_row_ids(dataset: Any) -> bool:
+        """True when `row_id` holds unique integers (the mining step's row ids), not some column of the user's."""
+        if "row_id" not in dataset.column_names:
+            return False
+        values = dataset.select_columns(["row_id"]).with_format("numpy")["row_id"]
+        values = np.asarray(values)
+        return values.dtype.kind in "iu" and np.unique(values).size == values.size
+
+    def _group_source(self, dataset: Any) -> str | None:
+        """The column whose values are the rule's groups (None when the rule reads no groups)."""
+        config = self.mining_config
+        column = config.group_column
+        if column is None:
+            return None
+        if column in dataset.column_names:
+            return column
+        if "group" in dataset.column_names and CONFIG_PREFIX in (dataset.info.description or ""):
+            return "group"  # the codes the mining step wrote (the original column was removed since)
+        reads_groups = config.strategy in _STRATEGIES_WITH_MINED_TEXTS and config.evidence in (
+            DuplicateEvidence.GROUP, DuplicateEvidence.ANY
+        )
+        if reads_groups:
+            raise ValueError(
+                f"The rule reads groups from the column {column!r} (evidence={config.evidence.value!r}), which the "
+                f"training dataset lacks (columns: {dataset.column_names}). Keep that column in the dataset, or "
+                "mine without group_column."
+            )
+        return None
+
+    def get_train_dataloader(self) -> DataLoader:
+        """`Trainer.get_train_dataloader`, except that a last batch of a single row is dropped (with a note):
+        a contrastive batch of one row has no negative, so its loss is 0 and teaches nothing."""
+        dataset = self.train_dataset
+        single = (
+            dataset is not None
+            and hasattr(dataset, "__len__")
+            and self.args.world_size == 1
+            and not self.args.dataloader_drop_last
+            and len(dataset) > 1
+            and len(dataset) % self._train_batch_size == 1
+        )
+        if not single:
+            return super().get_train_dataloader()
+        logger.warning(
+            "The last training batch of each epoch would hold a single row (%d rows, batch size %d): it is dropped, "
+            "since a contrastive batch needs at least 2 rows (one row has no negative and a loss of 0).",
+            len(dataset), self._train_batch_size,
+        )
+        self.args.dataloader_drop_last = True
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.args.dataloader_drop_last = False
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         """`Trainer.train`; `resume_from_checkpoint=True` takes the newest checkpoint that was completely
@@ -448,10 +570,13 @@ class ClipNegTrainer(Trainer):
             if self.mining_config.strategy is NegativeStrategy.CLUSTER:
                 mined_weights = (mined_weights > 0).to(image_embeds.dtype)
         negative_weights = positive_weights = None
+        global_meta = self._global_metadata(meta)
         if self.mining_config.strategy is not NegativeStrategy.VANILLA:
-            negative_weights, positive_weights = pair_weights(
-                self._global_metadata(meta), self.mining_config, step=self.state.global_step
-            )
+            negative_weights, positive_weights = pair_weights(global_meta, self.mining_config, step=self.state.global_step)
+        negative_weights = self._without_repeated_rows(global_meta.get(ROW_INDEX), negative_weights)
+        if not getattr(self, "_checked_first_batch", False) and model.training:
+            self._checked_first_batch = True
+            self._warn_if_degenerate(negative_weights, positive_weights)
         logit_scale = self.accelerator.unwrap_model(model).logit_scale
         loss = self.loss_fn(
             image_embeds,
@@ -465,6 +590,42 @@ class ClipNegTrainer(Trainer):
         if self.args.ttd_weight > 0:
             loss = loss + self.args.ttd_weight * ttd_loss_term(model, outputs, text_embeds, tag_batch, self.ttd_loss)
         return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _without_repeated_rows(row_index: torch.Tensor | None, weights: torch.Tensor | None) -> torch.Tensor | None:
+        """Weights with 0 wherever two positions of the (gathered) batch hold the same row: accelerate pads an
+        uneven last batch by repeating rows, and a row must never be its own negative. Unchanged when no row
+        repeats (the plain CLIP loss keeps its fast path)."""
+        if row_index is None:
+            return weights
+        row_index = row_index.flatten()
+        same = row_index[:, None] == row_index[None, :]
+        same.fill_diagonal_(False)
+        if not bool(same.any()):
+            return weights
+        if weights is None:
+            weights = torch.ones(same.shape, device=same.device)
+        return weights.masked_fill(same.to(weights.device), 0.0)
+
+    def _warn_if_degenerate(self, negative_weights: torch.Tensor | None, positive_weights: torch.Tensor | None) -> None:
+        """Warn (once, on the first training batch) when the rule leaves most in-batch pairs without a negative."""
+        if negative_weights is None or negative_weights.shape[0] < 2:
+            return
+        off = ~torch.eye(negative_weights.shape[0], dtype=torch.bool, device=negative_weights.device)
+        masked = (negative_weights == 0) & off
+        if positive_weights is not None:
+            masked |= (positive_weights > 0) & off
+        if self.mining_config.duplicate_action is DuplicateAction.DOWNWEIGHT:
+            masked |= (negative_weights <= self.mining_config.downweight_factor) & off
+        fraction = float(masked.sum()) / float(off.sum())
+        if fraction > DEGENERATE_MASKED_FRACTION:
+            logger.warning(
+                "Degenerate batches: the first training batch (%d rows) has %.0f%% of its in-batch negatives "
+                "masked or down-weighted by the rule (%s), so the loss is near 0 and teaches little. Check for "
+                "identical or placeholder images and towers whose features are all alike (MiningStats.median_pair_"
+                "image_cosine), make the evidence stricter, or train with negative_strategy='vanilla'.",
+                negative_weights.shape[0], 100 * fraction, describe_evidence(self.mining_config),
+            )
 
     # ----- checkpoints -----
 
@@ -525,17 +686,29 @@ class ClipNegTrainer(Trainer):
     # ----- evaluation -----
 
     def _eval_groups(self, dataset: Any) -> list[Any]:
+        """One relevance label per eval row: the value of `retrieval_group_column` (any type; a row without a
+        value is a group of its own), or the normalised caption."""
         column = self.args.retrieval_group_column
         if column is not None:
             if column not in dataset.column_names:
-                raise KeyError(f"retrieval_group_column {column!r} is not a column of the eval dataset.")
-            return list(dataset[column])
+                raise KeyError(
+                    f"retrieval_group_column {column!r} is not a column of the eval dataset (columns: "
+                    f"{dataset.column_names})."
+                )
+            values = dataset.select_columns([column]).with_format("arrow")[column]
+            values = (values.column(0) if hasattr(values, "column") else values).to_pylist()
+            codes = group_codes(values, len(values), column=column)
+            # a missing value is a group of its own: codes past the used ones, one per such row
+            missing = np.flatnonzero(codes < 0)
+            codes[missing] = codes.max(initial=-1) + 1 + np.arange(missing.size)
+            return codes.tolist()
         return groups_from_captions(dataset[self.mining_config.caption_column])
 
     @torch.no_grad()
     def embed_dataset(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Projected image and text embeddings of every row of `dataset` (in order) and the mean vanilla
-        contrastive loss over its batches."""
+        """Projected image and text embeddings of every row of `dataset` (in order) and the vanilla contrastive
+        loss of the whole set at once (every other row is a negative: the value does not depend on where batch
+        boundaries fall)."""
         model = self.model
         model.eval()
         loader = DataLoader(
@@ -546,20 +719,17 @@ class ClipNegTrainer(Trainer):
             num_workers=self.args.dataloader_num_workers,
         )
         loader = self.accelerator.prepare(loader)
-        image_parts, text_parts, losses = [], [], []
+        image_parts, text_parts = [], []
         for batch in loader:
             for name in META_COLUMNS:
                 batch.pop(name, None)
             with self.autocast_smart_context_manager():
                 outputs = model(**batch, return_dict=True)
-                losses.append(
-                    self.loss_fn(outputs.image_embeds, outputs.text_embeds, model.logit_scale).detach().float()
-                )
             image_parts.append(self.accelerator.gather_for_metrics(outputs.image_embeds.float()))
             text_parts.append(self.accelerator.gather_for_metrics(outputs.text_embeds.float()))
-        loss = torch.stack(losses).mean()
-        loss = self.accelerator.reduce(loss, reduction="mean").item()
-        return torch.cat(image_parts), torch.cat(text_parts), loss
+        image_embeds, text_embeds = torch.cat(image_parts), torch.cat(text_parts)
+        scale = self.accelerator.unwrap_model(model).logit_scale.detach().float()
+        return image_embeds, text_embeds, _whole_set_clip_loss(image_embeds, text_embeds, scale)
 
     def evaluate(
         self,
@@ -578,6 +748,12 @@ class ClipNegTrainer(Trainer):
             return metrics
         self._memory_tracker.start()
         start = time.time()
+        if self.cached_tower_features and hasattr(dataset, "column_names") and not has_feature_columns(dataset):
+            # a dataset passed to evaluate() directly: embed it with the frozen towers, as the eval split was
+            dataset = self._with_tower_features(
+                without_image_decoding(dataset, self.mining_config.image_column), self.model, self.processing_class,
+                self.args,
+            )
         was_training = self.model.training
         image_embeds, text_embeds, loss = self.embed_dataset(dataset)
         if was_training:
@@ -587,9 +763,37 @@ class ClipNegTrainer(Trainer):
             f"{metric_key_prefix}_{name}": value
             for name, value in retrieval_metrics(image_embeds, text_embeds, groups, groups).items()
         }
+        metrics[f"{metric_key_prefix}_groups"] = float(len(set(groups)))
+        best = self.args.metric_for_best_model
+        if len(set(groups)) < 2 and best is not None and "R@" in best:
+            logger.warning(
+                "metric_for_best_model=%r cannot rank checkpoints on %r: its %d rows form a single relevance group "
+                "(%s), so every model scores 100 and the best checkpoint is picked arbitrarily.",
+                best, metric_key_prefix, len(groups),
+                f"retrieval_group_column {self.args.retrieval_group_column!r}" if self.args.retrieval_group_column
+                else "identical captions",
+            )
         metrics[f"{metric_key_prefix}_loss"] = loss if math.isfinite(loss) else float("nan")
         metrics.update(speed_metrics(metric_key_prefix, start, num_samples=len(dataset)))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._memory_tracker.stop_and_update_metrics(metrics)
         return metrics
+
+
+def _whole_set_clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                         chunk_size: int = 4096) -> float:
+    """The plain CLIP loss of N pairs with all N - 1 other rows as negatives (`weighted_contrastive_loss`
+    without weights), computed in row chunks so no N x N matrix is held at once."""
+    if len(image_embeds) == 0:
+        return float("nan")
+    images = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+    texts = torch.nn.functional.normalize(text_embeds.float(), dim=-1)
+    scale = logit_scale.exp().to(images.device)
+    total = torch.zeros((), dtype=torch.float64, device=images.device)
+    for queries, gallery in ((images, texts), (texts, images)):
+        for start in range(0, len(queries), chunk_size):
+            logits = scale * queries[start : start + chunk_size] @ gallery.T
+            labels = torch.arange(start, start + len(logits), device=logits.device)
+            total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+    return float(total / (2 * len(images)))

@@ -146,3 +146,12 @@ class ClipNegTrainingArguments(TrainingArguments):
                 "step. Leave cached_tower_features unset to run the towers."
             )
         super().__post_init__()
+        if self.per_device_train_batch_size < 2:
+            global_batch = self.per_device_train_batch_size * (self.world_size if self.gather_across_processes else 1)
+            if global_batch < 2:
+                raise ValueError(
+                    f"per_device_train_batch_size={self.per_device_train_batch_size} gives contrastive batches of "
+                    f"{global_batch} row: a row's negatives are the other rows of its batch, so a batch needs at least "
+                    "2 rows (with 1 the loss is 0 on every step and nothing is learnt). Use a batch size of 2 or more "
+                    "(contrastive training gains from large batches; use gradient_accumulation_steps only for memory)."
+                )
