@@ -1,7 +1,7 @@
 """Retrieval quality of hf_clipneg's negative strategies on real product data, trained by the product itself.
 
     python benchmarks/quality.py --smoke          # tiny random towers, synthetic data, seconds (CI)
-    python benchmarks/quality.py                  # fashion-products (../shared), ~35 min on 2 CPU cores
+    python benchmarks/quality.py                  # fashion-products (../shared), ~40 min on 2 busy CPU cores
     python benchmarks/quality.py --data user/ds --image-column img --caption-column text --category-columns ""
 
 Every run is the library's own path, nothing else:
@@ -45,7 +45,7 @@ Steps:
    each strategy's masked in-batch pairs and their precision (same category) are measured with
    `hf_clipneg.mining.pair_weights` on the first 40 training batches of seed 0.
 4. Steps: per regime, vanilla trains for each of --step-candidates steps (separate runs: the linear schedule
-   depends on max_steps) with the first --selection-seeds seeds (default 1: the budget), and the count with the
+   depends on max_steps) with the first --selection-seeds seeds (default 1, for the time budget), and the count with the
    best mean validation category t->i R@1 (instance R@1 without categories) is every strategy's budget in that
    regime. The runs at that count are vanilla's rows of the tables for those seeds.
 5. Test: every strategy, --seeds seeds (same initialisation and batch order per seed for every strategy);
@@ -55,15 +55,18 @@ Steps:
    the query's caption (the trainer's default).
 6. Text embedding: vanilla in the `single` regime at its chosen steps with every other --text-pooling
    (`build_dual_encoder(text_pooling="pooler")`: BERT's CLS pooler, what a plain VisionTextDualEncoderModel
-   uses), on validation. Its image features are taken from the mean-pooled run through `compute_features(...,
-   known=...)` (the vision tower is the same) and only its texts are embedded.
+   uses), on validation. Its image features come from the mean-pooled run through `compute_features(...,
+   known=...)` (same vision tower and processor, so the same image features; `known` must carry the pooler
+   model's provenance, copied from a one-row `compute_features` call, and placeholder captions, so that only the
+   texts are embedded: a user simply runs `compute_features` with the pooler model, same numbers, ~30 min longer).
 
 Depths: only `frozen`. `--depths partial` is refused: partial depth runs the towers on every step (no cached
 features), hours on 2 CPU cores for this grid.
 
 Outputs in --output-dir (default benchmarks/results): quality_results.json (per-seed numbers, settings, mining
 statistics, timings), quality_tables.md (the tables the README shows), quality_gain_vs_fn.png (gain over vanilla
-against the in-batch false-negative rate), quality.log.
+against the in-batch false-negative rate), quality.log. `--tables-from results.json` only re-renders the tables
+and the plot.
 """
 
 from __future__ import annotations
@@ -140,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 torch thread each)")
     p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--smoke", action="store_true", help="tiny random towers + synthetic data, seconds")
+    p.add_argument("--tables-from", default=None, metavar="JSON",
+                   help="only re-render quality_tables.md and the plot from an existing quality_results.json")
     return p.parse_args(argv)
 
 
@@ -468,6 +473,16 @@ def masked_pairs(ctx: dict, regime: str, strategy: str, batches: list[np.ndarray
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.tables_from:
+        report = json.loads(Path(args.tables_from).read_text())
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        has_category = bool(report["data"]["category_columns"])
+        tables = render_tables(report, args, has_category)
+        (out_dir / "quality_tables.md").write_text(tables)
+        plot(report, out_dir / "quality_gain_vs_fn.png", has_category)
+        print(tables)
+        return 0
     out_dir = Path(args.output_dir)
     if args.smoke:
         out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "hf_clipneg_quality_smoke" / "results"
@@ -686,6 +701,16 @@ def _pm(pair) -> str:
     return f"{pair[0]:.2f} ± {pair[1]:.2f}"
 
 
+def _share(share: float) -> str:
+    return f"{'−' if share < 0 else ''}{abs(100 * share):.0f} %"
+
+
+def _percent(fraction: float) -> str:
+    """Percent with 2 decimals, 3 significant digits below 0.1 % (a rule that masks almost nothing stays visible)."""
+    value = 100 * fraction
+    return f"{value:.2f}%" if value == 0 or value >= 0.1 else f"{value:.3g}%"
+
+
 def _delta(pair) -> str:
     sign = "+" if pair[0] >= 0.005 else ("−" if pair[0] <= -0.005 else "")
     return f"{sign}{abs(pair[0]):.2f} ± {pair[1]:.2f}"
@@ -744,6 +769,11 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
         curve = report["regimes"][r]["step_curve"]
         cells = [(_pm(v) if n_sel > 1 else f"{v[0]:.2f}") for v in curve.values()]
         lines.append(f"| {r} | " + " | ".join(cells) + f" | {report['regimes'][r]['steps']} |")
+    largest = max(int(n) for n in report["regimes"][regimes[0]]["step_curve"])
+    capped = [r for r in regimes if report["regimes"][r]["steps"] == largest]
+    if capped:
+        lines += ["", f"The largest candidate ({largest} steps) won in {', '.join(f'`{r}`' for r in capped)}: there the "
+                  "budget is the grid's cap, not a validation optimum (a wider --step-candidates grid costs more time)."]
     summary = report["summary"]
     for proto, title in (("cat", "Category"), ("inst", "Instance")):
         if proto == "cat" and not has_category:
@@ -762,7 +792,7 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
                     cells += ["", ""]
                     continue
                 share = e.get("oracle_share") if proto == "cat" and st not in ("oracle", "vanilla") else None
-                d = "" if st == "vanilla" else _delta(e["delta"][proto]) + (f" ({100 * share:.0f} %)" if share is not None else "")
+                d = "" if st == "vanilla" else _delta(e["delta"][proto]) + (f" ({_share(share)})" if share is not None else "")
                 cells += [_pm(e["test"][proto]["t2i_R@1"]), d]
             lines.append(f"| {label[st]} | " + " | ".join(cells) + " |")
     for r in regimes:
@@ -781,7 +811,7 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
                 continue
             m = g["masked"][st]
             precision = "-" if m["precision"] is None else f"{100 * m['precision']:.1f}%"
-            row = f"| {st} | {100 * m['masked_fraction']:.2f}% | {precision} | "
+            row = f"| {st} | {_percent(m['masked_fraction'])} | {precision} | "
             for proto in (("cat", "inst") if has_category else ("inst",)):
                 x = e["test"][proto]
                 row += (f"{_pm(x['t2i_R@1'])} | {_pm(x['t2i_R@5'])} | {_pm(x['t2i_R@10'])} | "
@@ -803,31 +833,40 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
 
 
 def plot(report: dict, path: Path, has_category: bool) -> None:
+    """Test R@1 gain over vanilla (paired std as error bar) against each regime's measured in-batch false-negative
+    rate: colour = strategy, marker = regime (points of one regime are spread a little sideways to stay legible)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     proto = "cat" if has_category else "inst"
     rate_key = "category_pair_rate" if has_category else "exact_pair_rate"
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colours: dict[str, str] = {}
-    for r, block in report["summary"].items():
-        rate = 100 * report["regimes"][r]["false_negatives"][rate_key]
-        for st, e in block.items():
-            if st == "vanilla":
+    regimes = list(report["summary"])
+    strategies = [st for st in report["settings"]["strategy_list"] if st != "vanilla"]
+    markers = dict(zip(regimes, "osD^vP*X"))
+    colours = {st: f"C{i}" for i, st in enumerate(strategies)}
+    rates = [100 * report["regimes"][r]["false_negatives"][rate_key] for r in regimes]
+    spread = 0.012 * (max(rates) - min(rates) or 1.0)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r, rate in zip(regimes, rates):
+        for i, st in enumerate(strategies):
+            e = report["summary"][r].get(st)
+            if e is None:
                 continue
-            c = colours.setdefault(st, f"C{len(colours)}")
             gain, std = e["delta"][proto]
-            ax.errorbar(rate, gain, yerr=std, fmt="o", color=c, capsize=3, alpha=0.85,
-                        label=st if list(report["summary"]).index(r) == 0 else None)
-        ax.annotate(r, (rate, 0), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8, color="grey")
+            x = rate + (i - (len(strategies) - 1) / 2) * spread + (regimes.index(r) % 2) * spread * 0.5
+            ax.errorbar(x, gain, yerr=std, fmt=markers[r], color=colours[st], capsize=3, alpha=0.85, ms=6)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("measured in-batch false-negative rate, % of pairs ("
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=st) for st, c in colours.items()]
+    handles += [Line2D([], [], color="grey", marker=m, ls="", label=f"{r} ({rate:.2f} %)")
+                for (r, m), rate in zip(markers.items(), rates)]
+    ax.legend(handles=handles, fontsize=8, ncol=2, loc="best")
+    ax.set_xlabel("measured in-batch false-negative rate of the regime, % of pairs ("
                   + ("same category)" if has_category else "same image or identical caption)"))
     ax.set_ylabel(f"test {'category' if has_category else 'instance'} t→i R@1 gain over vanilla (points)")
     ax.set_title("Gain over vanilla vs in-batch false negatives (ClipNegTrainer, frozen towers)")
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
