@@ -1,11 +1,16 @@
 """Train a dual encoder with hf_clipneg under Accelerate.
 
-    accelerate launch --num_processes 2 examples/train_clipneg.py \
+    accelerate launch --multi_gpu --num_processes 2 examples/train_clipneg.py \
         --train_data synthetic --output_dir outputs/clipneg --negative_strategy cluster_weighted \
         --num_train_epochs 2 --per_device_train_batch_size 32 --report_to none
 
+On a machine without GPUs add `--use_cpu` (without it accelerate starts 2 processes that transformers treats as
+one, and ClipNegTrainer stops with a LaunchMismatchError saying so).
+
 Any flag of `DataArguments`, `ColumnArguments`, `ModelArguments` or `ClipNegTrainingArguments` works, or a
-single JSON/YAML file holding them; `--mining_config rule.json` sets the mining rule for unmined data. Add `--push_to_hub --hub_model_id you/name` to publish the model.
+single JSON/YAML file holding them; `--mining_config rule.json` sets the mining rule for unmined data. The
+learning rate and batch sizes not given follow `--tower_training` as in `hf-clipneg train` (frozen: 1e-3, 64).
+Add `--push_to_hub --hub_model_id you/name` to publish the model.
 """
 
 import logging

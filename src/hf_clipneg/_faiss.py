@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from importlib import metadata
 from types import ModuleType
 
@@ -41,13 +43,33 @@ def import_faiss() -> ModuleType:
             "`pip install 'hf_clipneg[cpu]'` (or `'hf_clipneg[gpu]'` for faiss-gpu-cu12)."
         )
     try:
-        import faiss
+        with _quiet_faiss_loader():
+            import faiss
     except ImportError as err:
         raise ImportError(
             "faiss is not installed. Install exactly one build: `pip install 'hf_clipneg[cpu]'` "
             "(faiss-cpu) or `pip install 'hf_clipneg[gpu]'` (faiss-gpu-cu12, also runs on CPU)."
         ) from err
     return faiss
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+@contextlib.contextmanager
+def _quiet_faiss_loader() -> Iterator[None]:
+    """faiss's loader logs at INFO which CPU build it tries, including an expected
+    `ModuleNotFoundError("No module named 'faiss.swigfaiss_avx2'")` on machines or wheels without that build: it
+    reads like an error under `logging.basicConfig(level=INFO)`. Keep its warnings and errors, drop the INFO lines."""
+    loader = logging.getLogger("faiss.loader")
+    quiet = _BelowWarning()
+    loader.addFilter(quiet)
+    try:
+        yield
+    finally:
+        loader.removeFilter(quiet)
 
 
 def faiss_gpu_count() -> int:

@@ -151,36 +151,213 @@ class MiningConfig:
         (<NegativeStrategy.CLUSTER: 'cluster'>, True)
     """
 
-    strategy: NegativeStrategy = NegativeStrategy.CLUSTER
-    evidence: DuplicateEvidence = DuplicateEvidence.PAIR_COSINE
-    duplicate_action: DuplicateAction = DuplicateAction.MASK
-    downweight_factor: float = 0.1
-    extra_positive_weight: float = 1.0
-    n_image_clusters: int | None = None
-    n_text_clusters: int | None = None
-    clustering_backend: str = "kmeans"
-    kmeans_iterations: int = 25
-    kmeans_assignment: str = "exact"
-    similar_cluster_quantile: float | None = None
-    image_centroid_threshold: float | None = None
-    text_centroid_threshold: float | None = None
-    image_cosine_threshold: float | None = DEFAULT_IMAGE_COSINE_THRESHOLD
-    text_cosine_threshold: float | None = None
-    pair_quantile: float | None = None
-    negatives_per_row: int = 4
-    sampling: NegativeSampling = NegativeSampling.RANDOM
-    weight_power: float = 1.0
-    max_weight: float = 10.0
-    image_distance_mean: float | None = None
-    random_drop_fraction: float | None = None
-    seed: int = 0
-    group_column: str | None = None
-    image_column: str = "image"
-    caption_column: str = "caption"
-    store_features: bool = True
-    cluster_text: bool = True
-    stats_batch_size: int = 256
-    stats_num_batches: int = 8
+    strategy: NegativeStrategy = field(
+        default=NegativeStrategy.CLUSTER,
+        metadata={
+            "help":
+            "Which in-batch negatives the loss uses: vanilla (all, weight 1: plain CLIP), random (the paper's"
+            " control: drop as many pairs as the rule would, at random), cluster (apply duplicate_action to "
+            "the pairs the evidence flags), cluster_weighted (as cluster, and weight allowed negatives by "
+            "image distance: the paper's full method)."
+        },
+    )
+    evidence: DuplicateEvidence = field(
+        default=DuplicateEvidence.PAIR_COSINE,
+        metadata={
+            "help":
+            "What flags a pair as a likely false negative: pair_cosine (frozen image cosine > "
+            "image_cosine_threshold, and text cosine > text_cosine_threshold when set), image_cluster (same "
+            "or similar image k-means cluster: the paper), image_and_text_cluster (both), group (same "
+            "group_column value, e.g. a product id), any (any near-certain evidence)."
+        },
+    )
+    duplicate_action: DuplicateAction = field(
+        default=DuplicateAction.MASK,
+        metadata={
+            "help":
+            "What happens to a flagged pair: mask (weight 0: never pushed apart), downweight (weight "
+            "downweight_factor), positive (counted as an extra positive with extra_positive_weight)."
+        },
+    )
+    downweight_factor: float = field(
+        default=0.1,
+        metadata={
+            "help":
+            "duplicate_action=downweight: the weight of a flagged pair, in [0, 1]."
+        },
+    )
+    extra_positive_weight: float = field(
+        default=1.0,
+        metadata={
+            "help":
+            "duplicate_action=positive: the target weight of a flagged pair next to the true pair's 1."
+        },
+    )
+    n_image_clusters: int | None = field(
+        default=None,
+        metadata={
+            "help":
+            "k of the image k-means. Default (None): round(1.5 * sqrt(rows)), clipped to [2, 4096]."
+        },
+    )
+    n_text_clusters: int | None = field(
+        default=None,
+        metadata={
+            "help":
+            "k of the text k-means. Default (None): round(1.5 * sqrt(rows)), clipped to [2, 4096]."
+        },
+    )
+    clustering_backend: str = field(
+        default="kmeans",
+        metadata={
+            "help":
+            "kmeans (spherical k-means with faiss, seconds for 1M rows) or cpp (CPP rate-reduction "
+            "clustering, much slower)."
+        },
+    )
+    kmeans_iterations: int = field(default=25, metadata={"help": "Iterations of each k-means run."})
+    kmeans_assignment: str = field(
+        default="exact",
+        metadata={
+            "help":
+            "How k-means assigns rows to centroids: exact (every centroid; right on any data) or ivf "
+            "(approximate; faster for large k on well-clustered features only)."
+        },
+    )
+    similar_cluster_quantile: float | None = field(
+        default=None,
+        metadata={
+            "help":
+            "Cluster evidence also blocks clusters whose centroid cosine is above this quantile of all "
+            "centroid pairs (e.g. 0.99). Default (None): the same cluster only."
+        },
+    )
+    image_centroid_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help":
+            "Resolved by mining from similar_cluster_quantile (stored with the mined data); leave unset."
+        },
+    )
+    text_centroid_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help":
+            "Resolved by mining from similar_cluster_quantile (stored with the mined data); leave unset."
+        },
+    )
+    image_cosine_threshold: float | None = field(
+        default=DEFAULT_IMAGE_COSINE_THRESHOLD,
+        metadata={
+            "help":
+            "evidence=pair_cosine/any: flag a pair when the frozen image cosine is above this. The default "
+            "0.97 (near-duplicate images) never hurt retrieval in benchmarks/quality.py; pair_quantile "
+            "replaces the default."
+        },
+    )
+    text_cosine_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help":
+            "evidence=pair_cosine/any: also require (pair_cosine) or accept (any) a text cosine above this. "
+            "Default (None): text not used."
+        },
+    )
+    pair_quantile: float | None = field(
+        default=None,
+        metadata={
+            "help":
+            "Set both cosine thresholds to this quantile of random pair cosines of the data (e.g. 0.999); a "
+            "threshold given explicitly is kept."
+        },
+    )
+    negatives_per_row: int = field(
+        default=4,
+        metadata={
+            "help":
+            "Explicit mined incorrect texts stored per row (-1 padded). Training uses them only with "
+            "--mined_negatives_per_row > 0."
+        },
+    )
+    sampling: NegativeSampling = field(
+        default=NegativeSampling.RANDOM,
+        metadata={
+            "help":
+            "How explicit negatives are drawn among allowed rows: random (uniformly) or lowest (from the "
+            "least similar image clusters: the easiest)."
+        },
+    )
+    weight_power: float = field(
+        default=1.0,
+        metadata={
+            "help":
+            "strategy=cluster_weighted: exponent gamma of the distance weight (0: all ones; 1: the paper)."
+        },
+    )
+    max_weight: float = field(
+        default=10.0,
+        metadata={
+            "help":
+            "strategy=cluster_weighted: upper clip of a negative's weight."
+        },
+    )
+    image_distance_mean: float | None = field(
+        default=None,
+        metadata={
+            "help":
+            "Resolved by mining (the data's mean image distance, for the weights of explicit negatives); "
+            "leave unset."
+        },
+    )
+    random_drop_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help":
+            "strategy=random: share of in-batch pairs dropped. Default (None): the share the cluster rule "
+            "masks on this data."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of k-means, negative sampling and the statistics batches."})
+    group_column: str | None = field(
+        default=None,
+        metadata={
+            "help":
+            "The user's group column (e.g. a product id), renamed to 'group'; needed by evidence=group."
+        },
+    )
+    image_column: str = field(default="image", metadata={"help": "The user's image column (renamed to 'image')."})
+    caption_column: str = field(
+        default="caption",
+        metadata={
+            "help":
+            "The user's caption column (renamed to 'caption')."
+        },
+    )
+    store_features: bool = field(
+        default=True,
+        metadata={
+            "help":
+            "Keep the frozen image/text feature columns in the mined dataset (needed by cluster_weighted and "
+            "pair_cosine, and reused to train frozen towers)."
+        },
+    )
+    cluster_text: bool = field(
+        default=True,
+        metadata={
+            "help":
+            "Also cluster the text features (text clusters are shown in the statistics; "
+            "evidence=image_and_text_cluster needs them)."
+        },
+    )
+    stats_batch_size: int = field(
+        default=256,
+        metadata={
+            "help":
+            "Batch size at which the mining statistics estimate in-batch masked and false-negative fractions "
+            "(use your training batch size)."
+        },
+    )
+    stats_num_batches: int = field(default=8, metadata={"help": "Random batches the mining statistics average over."})
 
     def __post_init__(self) -> None:
         self.strategy = _coerce(NegativeStrategy, self.strategy, "strategy")

@@ -25,13 +25,13 @@ class DataArguments:
 
     train_data: str = field(default=SYNTHETIC, metadata={"help": "Training pairs (Hub id, file, folder or 'synthetic')."})
     eval_data: str | None = field(default=None, metadata={"help": "Evaluation pairs (default: train_data's eval_split)."})
-    train_split: str = field(default="train")
-    eval_split: str = field(default="validation")
-    max_train_rows: int | None = field(default=None)
-    max_eval_rows: int | None = field(default=None)
+    train_split: str = field(default="train", metadata={"help": "Split of train_data to train on."})
+    eval_split: str = field(default="validation", metadata={"help": "Split of eval_data (or of train_data) to evaluate on."})
+    max_train_rows: int | None = field(default=None, metadata={"help": "Use at most this many training rows (None: all)."})
+    max_eval_rows: int | None = field(default=None, metadata={"help": "Use at most this many evaluation rows (None: all)."})
     synthetic_rows: int = field(default=1200, metadata={"help": "Training rows of the synthetic data."})
-    synthetic_eval_rows: int = field(default=300)
-    revision: str | None = field(default=None)
+    synthetic_eval_rows: int = field(default=300, metadata={"help": "Evaluation rows of the synthetic data."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the data."})
     on_bad_image: str = field(
         default="error",
         metadata={"help": "error: stop at an unreadable image, naming its row; skip: count, report and leave it out.",
@@ -70,7 +70,15 @@ class ModelArguments:
     )
     vision_model: str | None = field(default=None, metadata={"help": "Vision tower (default: packaged EfficientNet-Lite0)."})
     text_model: str | None = field(default=None, metadata={"help": "Text tower (default: packaged MiniLM-L6)."})
-    projection_dim: int = field(default=256)
+    projection_dim: int = field(default=256, metadata={"help": "Size of the joint embedding (new projections only)."})
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Side in pixels the vision tower sees (the processor's resize, saved with the model). Default: the "
+            "tower's own (224 for the packaged EfficientNet-Lite0). Smaller is faster on CPU: the synthetic images are "
+            "64 px, so 96 loses nothing there."
+        },
+    )
     text_pooling: str = field(
         default="auto",
         metadata={
@@ -83,7 +91,9 @@ class ModelArguments:
     tiny_random_towers: bool = field(
         default=False, metadata={"help": "Tiny random ViT+BERT towers: a seconds-long smoke run, meaningless results."}
     )
-    trust_remote_code: bool = field(default=False)
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the Hub repository; only for repositories you trust."}
+    )
 
 
 def load_model(model_args: ModelArguments) -> tuple[Any, Any]:
@@ -97,6 +107,8 @@ def load_model(model_args: ModelArguments) -> tuple[Any, Any]:
     if model_args.tiny_random_towers:
         from .testing import build_tiny_dual_encoder
 
+        if model_args.image_size is not None:
+            logger.warning("--image_size is ignored with --tiny_random_towers (their ViT has a fixed input size).")
         return build_tiny_dual_encoder()
     if model_args.model_name_or_path:
         from transformers import VisionTextDualEncoderProcessor
@@ -104,19 +116,34 @@ def load_model(model_args: ModelArguments) -> tuple[Any, Any]:
         from .modeling import ClipNegDualEncoderModel
 
         kwargs = {"trust_remote_code": model_args.trust_remote_code}
-        return (
+        model, processor = (
             ClipNegDualEncoderModel.from_pretrained(model_args.model_name_or_path, **kwargs),
             VisionTextDualEncoderProcessor.from_pretrained(model_args.model_name_or_path, **kwargs),
         )
-    from .towers import build_dual_encoder
+    else:
+        from .towers import build_dual_encoder
 
-    return build_dual_encoder(
-        vision=model_args.vision_model,
-        text=model_args.text_model,
-        projection_dim=model_args.projection_dim,
-        trust_remote_code=model_args.trust_remote_code,
-        text_pooling=model_args.text_pooling,
-    )
+        model, processor = build_dual_encoder(
+            vision=model_args.vision_model,
+            text=model_args.text_model,
+            projection_dim=model_args.projection_dim,
+            trust_remote_code=model_args.trust_remote_code,
+            text_pooling=model_args.text_pooling,
+        )
+    if model_args.image_size is not None:
+        set_image_size(processor, model_args.image_size)
+    return model, processor
+
+
+def set_image_size(processor: Any, image_size: int) -> None:
+    """Make the processor resize images to `image_size` x `image_size` (and crop to it, when it crops)."""
+    if image_size < 8:
+        raise ValueError(f"--image_size must be at least 8 pixels, got {image_size}.")
+    image_processor = processor.image_processor
+    image_processor.size = {"height": image_size, "width": image_size}
+    if getattr(image_processor, "crop_size", None) is not None:
+        image_processor.crop_size = {"height": image_size, "width": image_size}
+    logger.info("Images are resized to %d x %d pixels for the vision tower.", image_size, image_size)
 
 
 def load_data(
@@ -299,11 +326,10 @@ def train(
     mining_config = canonical_columns(mining_config)
     strategy = training_args.negative_strategy or mining_config.strategy
     if not is_mined(train_set) and strategy is not NegativeStrategy.VANILLA:
-        train_set, stats = mine_negatives(
+        train_set, _ = mine_negatives(  # mine_negatives logs the statistics once
             train_set, mining_config, model=model, processor=processor,
             batch_size=training_args.per_device_eval_batch_size, on_bad_image=data_args.on_bad_image,
         )
-        logger.info("Mining statistics:\n%s", stats.to_markdown())
     elif data_args.on_bad_image == "skip":
         train_set, skipped = check_images(train_set, on_bad_image="skip")
         if skipped:

@@ -72,6 +72,16 @@ class SearchHit:
     score: float
     rank: int
 
+    def to_dict(self) -> dict[str, Any]:
+        """`{"rank", "id", "score"}`, JSON-ready (numpy scalars become Python numbers).
+
+        Example:
+            >>> SearchHit(id=3, score=0.5, rank=1).to_dict()
+            {'rank': 1, 'id': 3, 'score': 0.5}
+        """
+        item = self.id.item() if hasattr(self.id, "item") else self.id
+        return {"rank": int(self.rank), "id": item, "score": float(self.score)}
+
 
 class _Collection:
     """A faiss index plus the ids of its rows."""

@@ -974,7 +974,8 @@ class TldrArguments:
     paired_data: str | None = field(default=None, metadata={
         "help": "Image-text pairs (parquet/csv/json file or a save_to_disk directory) to measure the modality gap."})
     image_column: str = field(default="image", metadata={"help": "Image column of --paired_data."})
-    text_column: str = field(default="text", metadata={"help": "Text column of --paired_data."})
+    text_column: str = field(default="caption", metadata={
+        "help": "Caption column of --paired_data (the name every other hf-clipneg command uses).", "aliases": ["--caption_column"]})
     max_pairs: int = field(default=2000, metadata={"help": "At most this many pairs are encoded."})
     fit_projector: bool = field(default=False, metadata={
         "help": "Also fit an ImageSpaceProjector into the vision tower's pooled features (needs --paired_data)."})

@@ -26,13 +26,14 @@ How Lite0 fits transformers' EfficientNet (B0 geometry):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -53,6 +54,7 @@ from .encoding import DEFAULT_TEXT_MAX_LENGTH, default_text_pooling
 from .modeling import TEXT_POOLINGS, ClipNegDualEncoderModel, mean_pool
 
 logger = logging.getLogger(__name__)
+_DUAL_ENCODER_LOGGER = "transformers.models.vision_text_dual_encoder.modeling_vision_text_dual_encoder"
 
 __all__ = [
     "build_dual_encoder",
@@ -339,13 +341,72 @@ def packaged_vision_tower(cache_dir: str | os.PathLike | None = None) -> Path:
     return final
 
 
+class _DropMessages(logging.Filter):
+    """A logging filter dropping the records whose message contains one of `fragments`."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+@contextlib.contextmanager
+def without_log_messages(logger_name: str, *fragments: str) -> Iterator[None]:
+    """Drop the records of `logger_name` that contain one of `fragments` while the block runs."""
+    target = logging.getLogger(logger_name)
+    dropper = _DropMessages(*fragments)
+    target.addFilter(dropper)
+    try:
+        yield
+    finally:
+        target.removeFilter(dropper)
+
+
+# Checkpoint weights a tower of a dual encoder never uses: classification / language-model heads, and the other
+# half of a full CLIP/SigLIP checkpoint. Leaving them out is expected, so it is logged at INFO, not warned about.
+_UNUSED_HEAD_PREFIXES = (
+    "classifier.", "cls.", "lm_head.", "head.", "pre_classifier.", "text_model.", "vision_model.", "text_projection.",
+    "visual_projection.", "logit_scale", "logit_bias",
+)
+
+
+def _load_tower(name_or_path: str, role: str, trust_remote_code: bool, config: PreTrainedConfig | None = None) -> PreTrainedModel:
+    """`AutoModel.from_pretrained` with transformers' load report replaced by one line: checkpoint heads a dual
+    encoder does not use are logged at INFO; any other unused weight, and weights missing from the checkpoint
+    (randomly initialised: a real problem), are warned about by name."""
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "output_loading_info": True}
+    if config is not None:
+        kwargs["config"] = config
+    with without_log_messages("transformers.modeling_utils", "LOAD REPORT"):
+        model, info = AutoModel.from_pretrained(name_or_path, **kwargs)
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    expected = [key for key in unexpected if key.startswith(_UNUSED_HEAD_PREFIXES)]
+    other = [key for key in unexpected if key not in expected]
+    if expected:
+        heads = sorted({key.split(".")[0] for key in expected})
+        logger.info("The %s tower %s: left out %d checkpoint weights a dual encoder does not use (%s).", role,
+                    name_or_path, len(expected), ", ".join(heads))
+    if other:
+        logger.warning("The %s tower %s: %d checkpoint weights do not fit the model and are ignored: %s%s", role,
+                       name_or_path, len(other), other[:10], " ..." if len(other) > 10 else "")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        logger.warning("The %s tower %s: %d weights are not in the checkpoint and start random (train the tower, or "
+                       "use a complete checkpoint): %s%s", role, name_or_path, len(missing), missing[:10],
+                       " ..." if len(missing) > 10 else "")
+    return model
+
+
 def _load_vision_tower(name_or_path: str, trust_remote_code: bool) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     # Full CLIP/SigLIP-style checkpoints: keep only the vision half (its weights sit under `vision_model.`).
     vision_config = getattr(config, "vision_config", None)
     if isinstance(vision_config, PreTrainedConfig):
         config = vision_config
-    return AutoModel.from_pretrained(name_or_path, config=config, trust_remote_code=trust_remote_code)
+    return _load_tower(name_or_path, "vision", trust_remote_code, config=config)
 
 
 def _pooled_width(config: PreTrainedConfig, role: str, name_or_path: str) -> int:
@@ -400,7 +461,7 @@ def build_dual_encoder(
     text_id = str(text if text is not None else packaged_text_tower())
 
     vision_model = _load_vision_tower(vision_id, trust_remote_code)
-    text_model = AutoModel.from_pretrained(text_id, trust_remote_code=trust_remote_code)
+    text_model = _load_tower(text_id, "text", trust_remote_code)
     # VisionTextDualEncoderModel sizes its projections from `hidden_size`; storing it in the tower config also
     # lets `VisionTextDualEncoderModel.from_pretrained` rebuild the model from the saved config.
     vision_model.config.hidden_size = _pooled_width(vision_model.config, "vision", vision_id)
@@ -410,12 +471,15 @@ def build_dual_encoder(
         text_pooling = default_text_pooling(text_id, text_model.config.model_type)
     if text_pooling not in TEXT_POOLINGS:
         raise ValueError(f"text_pooling must be 'auto' or one of {TEXT_POOLINGS}, got {text_pooling!r}.")
-    model = ClipNegDualEncoderModel.from_vision_text_pretrained(
-        vision_model=vision_model,
-        text_model=text_model,
-        projection_dim=projection_dim,
-        logit_scale_init_value=logit_scale_init_value,
-    )
+    # transformers warns that the projections are "newly initialized ... You should probably TRAIN this model": they
+    # always are here, and training them is what ClipNegTrainer does; the log line below says so once.
+    with without_log_messages(_DUAL_ENCODER_LOGGER, "are newly initialized"):
+        model = ClipNegDualEncoderModel.from_vision_text_pretrained(
+            vision_model=vision_model,
+            text_model=text_model,
+            projection_dim=projection_dim,
+            logit_scale_init_value=logit_scale_init_value,
+        )
     model.config.text_pooling = text_pooling
     model.config.text_max_length = int(text_max_length)
     if device is None:
@@ -438,7 +502,8 @@ def build_dual_encoder(
         ) from err
     processor = VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
     logger.info(
-        "Built dual encoder: vision %s (%d-d) + text %s (%d-d, %s pooling) -> %d-d on %s",
+        "Built dual encoder: vision %s (%d-d) + text %s (%d-d, %s pooling) -> %d-d on %s; the projections and "
+        "logit scale are new (ClipNegTrainer trains them)",
         vision_id, model.vision_embed_dim, text_id, model.text_embed_dim, text_pooling, projection_dim, device,
     )
     return model, processor

@@ -47,6 +47,7 @@ from .mining import (
     pair_weights,
 )
 from .samplers import ClusterSpreadSampler, CrowdedBatchSampler
+from .setup_checks import check_training_setup
 from .training_args import ClipNegTrainingArguments, TowerTraining
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ class ClipNegTrainer(Trainer):
             raise TypeError("ClipNegTrainer needs ClipNegTrainingArguments (a TrainingArguments subclass).")
         if processing_class is None:
             raise ValueError("Pass the VisionTextDualEncoderProcessor as `processing_class`.")
+        check_training_setup(args)
         self.mining_config = self._resolve_mining_config(mining_config, train_dataset, args)
         model = as_clipneg_model(model)
         if args.max_text_length is not None:
