@@ -556,8 +556,9 @@ class ClipNegTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        for module in self._frozen_modules:
-            module.eval()
+        if not self.cached_tower_features:  # on cached features the towers never run
+            for module in self._frozen_modules:
+                module.eval()
         meta = {name: inputs.pop(name) for name in META_COLUMNS if name in inputs}
         mined_weights = inputs.pop("negative_weights", None)
         num_mined = int(inputs.pop("num_mined", 0))
