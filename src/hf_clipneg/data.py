@@ -151,53 +151,38 @@ def load_pairs(
     dataset = prepared[0] if len(prepared) == 1 else concatenate_datasets(prepared)
     dataset = _check_caption_dtype(dataset, caption_column)
 
+    column = repr(image_column)
+    hub_source = repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else "given"
+    problems = (
+        (foreign_images, ForeignImagePathError,
+         f"in column {column} of the Hub dataset {hub_source} are not embedded and point outside that "
+         "repository ({examples}). Paths in a remote dataset are never read from this machine's disk: only embedded "
+         "image bytes, or image files of the same dataset repository, are used.",
+         "Ask the dataset's author to embed the images (datasets' push_to_hub does), or pass "
+         "on_missing_image='skip' to drop those rows."),
+        (url_images, RemoteImageError,
+         f"in column {column} are URLs ({{examples}}). Images are never downloaded at run time (feature extraction, "
+         "training and retrieval read local files or embedded bytes only).",
+         "Download them first, on a machine that can reach them: e.g. `ds = load_dataset('csv', data_files=...)"
+         f"['train'].cast_column({column}, datasets.Image()); ds.save_to_disk('local_copy')` embeds every image's "
+         "bytes (or write the files to disk and put their paths in the column); then load the local copy. Or pass "
+         "on_missing_image='skip' to drop those rows."),
+        (missing_images, FileNotFoundError,
+         f"in column {column} point to files that do not exist ({{examples}}). Relative paths are resolved against "
+         "the data file's folder (the current folder for in-memory datasets).",
+         "Fix the paths, or pass on_missing_image='skip' to drop those rows."),
+    )
     bad_rows: set[int] = set()
-    if foreign_images:
-        rows = [row for row, _ in foreign_images]
-        examples = "; ".join(f"row {row}: {path!r}" for row, path in foreign_images[:_SHOW_ROWS])
-        message = (
-            f"{len(rows)} image(s) in column {image_column!r} of the Hub dataset {os.fspath(source)!r} are not embedded "
-            f"and point outside that repository ({examples}{'; ...' if len(rows) > _SHOW_ROWS else ''}). Paths in a "
-            "remote dataset are never read from this machine's disk: only embedded image bytes, or image files of "
-            "the same dataset repository, are used."
-        )
+    for found, error, problem, remedy in problems:
+        if not found:
+            continue
+        examples = "; ".join(f"row {row}: {path!r}" for row, path in found[:_SHOW_ROWS])
+        examples += "; ..." if len(found) > _SHOW_ROWS else ""
+        message = f"{len(found)} image(s) " + problem.replace("{examples}", examples)
         if on_missing_image == "error":
-            raise ForeignImagePathError(
-                f"{message} Ask the dataset's author to embed the images (datasets' push_to_hub does), or pass "
-                "on_missing_image='skip' to drop those rows."
-            )
+            raise error(f"{message} {remedy}")
         logger.warning("Skipping those rows: %s", message)
-        bad_rows.update(rows)
-    if url_images:
-        rows = [row for row, _ in url_images]
-        examples = "; ".join(f"row {row}: {path!r}" for row, path in url_images[:_SHOW_ROWS])
-        message = (
-            f"{len(rows)} image(s) in column {image_column!r} are URLs ({examples}"
-            f"{'; ...' if len(rows) > _SHOW_ROWS else ''}). Images are never downloaded at run time (feature "
-            "extraction, training and retrieval read local files or embedded bytes only)."
-        )
-        if on_missing_image == "error":
-            raise RemoteImageError(
-                f"{message} Download them first, on a machine that can reach them: e.g. "
-                "`ds = load_dataset('csv', data_files=...)['train'].cast_column("
-                f"{image_column!r}, datasets.Image()); ds.save_to_disk('local_copy')` embeds every image's bytes "
-                "(or write the files to disk and put their paths in the column); then load the local copy. Or "
-                "pass on_missing_image='skip' to drop those rows."
-            )
-        logger.warning("Skipping those rows: %s", message)
-        bad_rows.update(rows)
-    if missing_images:
-        rows = [row for row, _ in missing_images]
-        examples = "; ".join(f"row {row}: {path!r}" for row, path in missing_images[:_SHOW_ROWS])
-        message = (
-            f"{len(rows)} image(s) in column {image_column!r} point to files that do not exist ({examples}"
-            f"{'; ...' if len(rows) > _SHOW_ROWS else ''}). Relative paths are resolved against the "
-            "data file's folder (the current folder for in-memory datasets)."
-        )
-        if on_missing_image == "error":
-            raise FileNotFoundError(f"{message} Fix the paths, or pass on_missing_image='skip' to drop those rows.")
-        logger.warning("Skipping those rows: %s", message)
-        bad_rows.update(rows)
+        bad_rows.update(row for row, _ in found)
 
     empty_rows, null_groups = _scan_values(dataset, group_column is not None)
     if null_groups and on_missing_group == "keep":
