@@ -68,11 +68,11 @@ def text_features_by_row_id(dataset: Any) -> tuple[dict[int, int], np.ndarray]:
 
 def _pad_ragged(rows: Sequence[Sequence[int]], pad_value: int = -1) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), max(width, 1)), pad_value, dtype=torch.long)
+    out = np.full((len(rows), max(width, 1)), pad_value, dtype=np.int64)
     for i, row in enumerate(rows):
         if len(row):
-            out[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
-    return out
+            out[i, : len(row)] = row  # numpy fills from a list or array without a tensor per row
+    return torch.from_numpy(out)
 
 
 @dataclass
