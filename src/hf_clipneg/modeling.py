@@ -68,6 +68,7 @@ class ClipNegDualEncoderModel(VisionTextDualEncoderModel):
     Example:
         >>> from hf_clipneg.testing import build_tiny_dual_encoder
         >>> model, processor = build_tiny_dual_encoder()
+        >>> model = model.eval()
         >>> model.config.text_pooling
         'mean'
         >>> tokens = processor.tokenizer(["a red circle"], return_tensors="pt")
@@ -86,12 +87,7 @@ class ClipNegDualEncoderModel(VisionTextDualEncoderModel):
 
     def image_tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) pixels -> (B, D_vision) L2-normalised pooled vision-tower output."""
-        return self._image_features(self.vision_model(pixel_values=pixel_values, return_dict=True))
-
-    @staticmethod
-    def _image_features(outputs: BaseModelOutputWithPooling) -> torch.Tensor:
-        pooled = outputs.pooler_output
-        return F.normalize(pooled.reshape(pooled.shape[0], -1), dim=-1)
+        return self._encode_image(pixel_values)[0]
 
     def text_tower_features(
         self,
@@ -101,25 +97,30 @@ class ClipNegDualEncoderModel(VisionTextDualEncoderModel):
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) token ids -> (B, D_text) L2-normalised text features pooled as `config.text_pooling` says."""
-        return self._text_features(self._run_text_tower(input_ids, attention_mask, token_type_ids, position_ids), attention_mask)
+        return self._encode_text(input_ids, attention_mask, token_type_ids, position_ids)[0]
 
-    def _run_text_tower(self, input_ids, attention_mask, token_type_ids, position_ids) -> BaseModelOutputWithPooling:
-        return self.text_model(
+    def _encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
+        outputs = self.vision_model(pixel_values=pixel_values, return_dict=True)
+        pooled = outputs.pooler_output
+        return F.normalize(pooled.reshape(pooled.shape[0], -1), dim=-1), outputs
+
+    def _encode_text(
+        self, input_ids, attention_mask, token_type_ids, position_ids
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        outputs = self.text_model(
             input_ids=input_ids,
-            attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
+            attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             return_dict=True,
         )
-
-    def _text_features(self, outputs: BaseModelOutputWithPooling, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.text_pooling == "mean":
-            if attention_mask is None:
-                attention_mask = torch.ones(outputs.last_hidden_state.shape[:2], device=outputs.last_hidden_state.device)
             pooled = mean_pool(outputs.last_hidden_state, attention_mask)
         else:
             pooled = outputs.pooler_output
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(pooled, dim=-1), outputs
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         """Projected (B, projection_dim) image features in `pooler_output` (not normalised), as transformers."""
@@ -162,12 +163,10 @@ class ClipNegDualEncoderModel(VisionTextDualEncoderModel):
         vision_outputs = text_outputs = None
         image_features = self._one_of(image_tower_features, pixel_values, "image_tower_features", "pixel_values")
         if image_features is None:
-            vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True)
-            image_features = self._image_features(vision_outputs)
+            image_features, vision_outputs = self._encode_image(pixel_values)
         text_features = self._one_of(text_tower_features, input_ids, "text_tower_features", "input_ids")
         if text_features is None:
-            text_outputs = self._run_text_tower(input_ids, attention_mask, token_type_ids, position_ids)
-            text_features = self._text_features(text_outputs, attention_mask)
+            text_features, text_outputs = self._encode_text(input_ids, attention_mask, token_type_ids, position_ids)
         image_embeds = F.normalize(self.visual_projection(image_features.to(self.visual_projection.weight.dtype)), dim=-1)
         text_embeds = F.normalize(self.text_projection(text_features.to(self.text_projection.weight.dtype)), dim=-1)
         logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
