@@ -198,3 +198,15 @@ def test_logit_scale_never_exceeds_its_cap(tmp_path, mined):
     trainer.train()
     assert len(seen) == 6 and max(seen) <= 20.0 + 1e-4
     assert seen[0] == pytest.approx(20.0, abs=1e-3)  # clamped right after the first optimiser step
+
+
+def test_encoding_runs_without_dropout_and_restores_the_training_mode():
+    from hf_clipneg.encoding import encode_images, encode_texts
+
+    model, processor = build_tiny_dual_encoder()
+    model.train()
+    texts = [encode_texts(model, processor.tokenizer, ["a red circle"], project=True) for _ in range(2)]
+    images = [encode_images(model, processor.image_processor, [Image.new("RGB", (32, 32), "red")]) for _ in range(2)]
+    torch.testing.assert_close(texts[0], texts[1], rtol=0, atol=0)
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=0)
+    assert model.training and model.text_model.training

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -145,6 +145,17 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """No dropout or batch-norm updates while embedding; the model's training mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.inference_mode()
 def encode_images(model: Any, image_processor: Any, images: Sequence[Image.Image], project: bool = False) -> torch.Tensor:
     """(N,) RGB PIL images -> (N, D) float32 L2-normalised tower features (`project=False`, D = vision width)
@@ -159,7 +170,7 @@ def encode_images(model: Any, image_processor: Any, images: Sequence[Image.Image
     model = as_clipneg_model(model)
     device = _device_of(model)
     pixel_values = image_processor(images=list(images), return_tensors="pt")["pixel_values"].to(device)
-    with autocast(device):
+    with _eval_mode(model), autocast(device):
         features = model.image_tower_features(pixel_values)
         if project:
             features = model.visual_projection(features)
@@ -167,9 +178,12 @@ def encode_images(model: Any, image_processor: Any, images: Sequence[Image.Image
 
 
 @torch.inference_mode()
-def encode_texts(model: Any, tokenizer: Any, texts: Sequence[str], project: bool = False) -> torch.Tensor:
+def encode_texts(
+    model: Any, tokenizer: Any, texts: Sequence[str], project: bool = False, normalize: bool = True
+) -> torch.Tensor:
     """(N,) strings -> (N, D) float32 L2-normalised text features (`project=False`) or joint-space embeddings
     (`project=True`), cut at `text_max_length(model, tokenizer)` tokens and pooled as the model's config says.
+    `normalize=False` returns the joint-space embeddings before their final L2 normalisation.
 
     Example:
         >>> from hf_clipneg.testing import build_tiny_dual_encoder
@@ -183,8 +197,9 @@ def encode_texts(model: Any, tokenizer: Any, texts: Sequence[str], project: bool
         list(texts), padding=True, truncation=True, max_length=text_max_length(model, tokenizer), return_tensors="pt"
     )
     inputs = {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    with autocast(device):
+    with _eval_mode(model), autocast(device):
         features = model.text_tower_features(**inputs)
         if project:
             features = model.text_projection(features)
-    return torch.nn.functional.normalize(features.float(), dim=-1)
+    features = features.float()
+    return torch.nn.functional.normalize(features, dim=-1) if normalize else features

@@ -823,8 +823,8 @@ def _model_device(model: torch.nn.Module, device: str | torch.device | None) -> 
 @torch.no_grad()
 def encode_texts(model: Any, processor: Any, texts: Sequence[str], batch_size: int = 64,
                  device: str | torch.device | None = None, normalize: bool = True) -> torch.Tensor:
-    """Joint-space text embeddings (``get_text_features(...).pooler_output`` of `ClipNegDualEncoderModel`, the
-    text embedding the model was trained with), on the CPU.
+    """Joint-space text embeddings through `hf_clipneg.encoding.encode_texts` (pooled and cut as the model was
+    trained), on the CPU. `device` is unused: the model's own device is used.
 
     Example:
         >>> from hf_clipneg.testing import build_tiny_dual_encoder
@@ -837,23 +837,15 @@ def encode_texts(model: Any, processor: Any, texts: Sequence[str], batch_size: i
     for row, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"Text {row} is empty or not a string ({text!r}); give every description some words.")
-    from .encoding import as_clipneg_model, text_max_length
+    from .encoding import encode_texts as encode_with_model
 
-    model = as_clipneg_model(model)  # text pooled and cut as in training (config.text_pooling / text_max_length)
-    device = _model_device(model, device)
-    max_length = text_max_length(model, getattr(processor, "tokenizer", None))
-    outputs = []
-    was_training = model.training
-    model.eval()
-    for start in tqdm(range(0, len(texts), batch_size), desc="Encoding texts", disable=len(texts) <= batch_size):
-        batch = processor(text=list(texts[start:start + batch_size]), padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt")
-        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids", "position_ids")}
-        out = model.get_text_features(**batch)
-        outputs.append((out.pooler_output if hasattr(out, "pooler_output") else out).float().cpu())
-    model.train(was_training)
-    embeds = torch.cat(outputs)
-    return torch.nn.functional.normalize(embeds, dim=1) if normalize else embeds
+    batches = range(0, len(texts), batch_size)
+    embeds = [
+        encode_with_model(model, getattr(processor, "tokenizer", processor), list(texts[start:start + batch_size]), project=True,
+                          normalize=normalize).cpu()
+        for start in tqdm(batches, desc="Encoding texts", disable=len(texts) <= batch_size)
+    ]
+    return torch.cat(embeds)
 
 
 @torch.no_grad()
