@@ -28,7 +28,7 @@ from hf_clipneg.metrics import retrieval_metrics, trivial_recall_ks
 from hf_clipneg.mining import MiningConfig, group_codes, mine_negatives
 from hf_clipneg.retrieval import ClipNegRetriever
 from hf_clipneg.testing import build_tiny_dual_encoder
-from hf_clipneg.trainer import GROUP_CODE_COLUMN, ClipNegTrainer
+from hf_clipneg.trainer import ClipNegTrainer
 from hf_clipneg.training_args import ClipNegTrainingArguments
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
