@@ -111,13 +111,13 @@ def test_features_of_other_towers_are_never_trained_on(tmp_path, mined, caplog):
     assert not np.allclose(np.asarray(recomputed["image_features"]), np.asarray(mined["image_features"]))
 
 
-def test_cached_features_are_refused_with_trainable_towers(tmp_path):
-    with pytest.raises(ValueError, match="needs frozen towers"):
-        ClipNegTrainingArguments(output_dir=str(tmp_path), cached_tower_features=True, tower_training="partial",
+def test_cached_features_are_refused_with_fully_trainable_towers(tmp_path):
+    with pytest.raises(ValueError, match="got tower_training='full'"):
+        ClipNegTrainingArguments(output_dir=str(tmp_path), cached_tower_features=True, tower_training="full",
                                  report_to="none")
     model, processor = build_tiny_dual_encoder()
     pairs = make_synthetic_pairs(num_rows=8, seed=0, image_size=32)
-    trainer = ClipNegTrainer(model=model, args=_args(tmp_path, tower_training="partial", negative_strategy="vanilla"),
+    trainer = ClipNegTrainer(model=model, args=_args(tmp_path, tower_training="full", negative_strategy="vanilla"),
                              train_dataset=pairs, processing_class=processor)
     assert trainer.cached_tower_features is False
 

@@ -57,13 +57,30 @@ def captions_by_row_id(dataset: Any, caption_column: str = "caption") -> dict[in
     return dict(zip(columns["row_id"].to_pylist(), columns[caption_column].to_pylist()))
 
 
-def text_features_by_row_id(dataset: Any) -> tuple[dict[int, int], np.ndarray]:
-    """`(row_id -> position, (N, D) float32 text features)` of a mined dataset with feature columns: where the
-    cached-feature collator finds the text of a mined negative (`negative_indices` hold `row_id`s)."""
-    columns = dataset.select_columns(["row_id", "text_features"]).with_format("numpy")[:]
-    features = np.asarray(np.stack(columns["text_features"]) if columns["text_features"].dtype == object
-                          else columns["text_features"], dtype=np.float32)
-    return {int(r): i for i, r in enumerate(columns["row_id"])}, features
+def text_features_by_row_id(
+    dataset: Any, column: str = "text_features"
+) -> tuple[dict[int, int], np.ndarray | list[np.ndarray]]:
+    """`(row_id -> position, cached texts)` of a mined dataset with cached text columns: where the cached-feature
+    collator finds the text of a mined negative (`negative_indices` hold `row_id`s). The texts are an (N, D)
+    float32 array for `text_features`, a list of (tokens_i, D) arrays for `text_block_inputs`."""
+    columns = dataset.select_columns(["row_id", column]).with_format("numpy")[:]
+    values = columns[column]
+    if column == "text_features":
+        values = np.asarray(np.stack(values) if values.dtype == object else values, dtype=np.float32)
+    else:
+        values = [np.asarray(v, dtype=np.float32) for v in values]
+    return {int(r): i for i, r in enumerate(columns["row_id"])}, values
+
+
+def _pad_tokens(sequences: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens_i, D) arrays -> zero-padded (N, T, D) float32 states and the (N, T) attention mask."""
+    width = max(len(s) for s in sequences)
+    states = np.zeros((len(sequences), width, sequences[0].shape[-1]), dtype=np.float32)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for i, sequence in enumerate(sequences):
+        states[i, : len(sequence)] = sequence
+        mask[i, : len(sequence)] = 1
+    return torch.from_numpy(states), torch.from_numpy(mask)
 
 
 def _pad_ragged(rows: Sequence[Sequence[int]], pad_value: int = -1) -> torch.Tensor:
@@ -87,7 +104,9 @@ class ClipNegCollator:
     With `cached_features=True` (the trainer's cached-tower path) the model inputs are the rows' tower
     features instead: `image_tower_features` (B, D_vision) from `image_features` and `text_tower_features`
     (B + B*m, D_text) from `text_features` (mined texts looked up in `mined_text_features`); nothing is
-    decoded or tokenised.
+    decoded or tokenised. With `tail_starts` as well (partial-depth training), the inputs are the cached inputs
+    of the first trainable blocks: `image_block_inputs`, `text_block_inputs` (B + B*m, T, D_text) with their
+    `attention_mask`, and `image_tail_start` / `text_tail_start`.
 
     Args:
         processor: a `VisionTextDualEncoderProcessor` (image processor + tokenizer).
@@ -97,8 +116,10 @@ class ClipNegCollator:
         ttd_max_tags: with > 0, also tokenise up to that many tags per caption for the TTD term
             (`tag_input_ids`, `tag_attention_mask`, `tag_mask`); a `tags` list column overrides extraction.
         cached_features: feed the rows' `image_features` / `text_features` as the model's tower features.
-        mined_text_features: with `cached_features` and mined negatives, `(row_id -> position, (N, D_text)
-            features)` of the training rows (`text_features_by_row_id(dataset)`).
+        mined_text_features: with `cached_features` and mined negatives, `(row_id -> position, cached texts)` of
+            the training rows (`text_features_by_row_id(dataset, column)`).
+        tail_starts: with `cached_features`, the (vision, text) indices of the first trainable blocks whose
+            cached inputs (`image_block_inputs` / `text_block_inputs` columns) the rows carry.
         meta_columns: `{batch key: row column}` of the per-row metadata to pass (`row_id`, `row_index`, `group`,
             `image_cluster`, ...). None (default): every mining column present in the rows, under its own name.
             `ClipNegTrainer` sets it, so a user column that happens to be called `group` or `row_id` is never
@@ -125,7 +146,8 @@ class ClipNegCollator:
     ttd_max_tags: int = 0
     tags_column: str = "tags"
     cached_features: bool = False
-    mined_text_features: tuple[Mapping[int, int], np.ndarray] | None = None
+    mined_text_features: tuple[Mapping[int, int], np.ndarray | list[np.ndarray]] | None = None
+    tail_starts: tuple[int, int] | None = None
     meta_columns: Mapping[str, str] | None = None
     _rng: random.Random = field(init=False, repr=False)
 
@@ -177,25 +199,37 @@ class ClipNegCollator:
         return batch
 
     def _collate_features(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        for column in FEATURE_META_COLUMNS:
+        image_column, text_column = (
+            FEATURE_META_COLUMNS if self.tail_starts is None else ("image_block_inputs", "text_block_inputs")
+        )
+        for column in (image_column, text_column):
             if column not in rows[0]:
-                raise KeyError(f"Cached-feature batches need the {column!r} column (from compute_features).")
+                raise KeyError(
+                    f"Cached-feature batches need the {column!r} column (from "
+                    f"{'compute_features' if self.tail_starts is None else 'compute_block_inputs'})."
+                )
         batch = self._metadata(rows)
-        texts = batch["text_features"]
+        texts = [np.asarray(row[text_column], dtype=np.float32) for row in rows]
         mined = self._mined_negatives(rows)
         if mined is not None:
             if self.mined_text_features is None:
                 raise ValueError("Mined negatives with cached features need `mined_text_features`.")
             indices, weights = mined
-            position_of, features = self.mined_text_features
-            positions = torch.tensor([position_of.get(j, -1) if j >= 0 else -1 for j in indices.flatten().tolist()])
-            found = (positions >= 0).reshape(indices.shape)
-            mined_texts = torch.from_numpy(features[positions.clamp(min=0).numpy()]).float()
-            texts = torch.cat([texts, mined_texts])
+            position_of, stored = self.mined_text_features
+            positions = [position_of.get(j, -1) if j >= 0 else -1 for j in indices.flatten().tolist()]
+            found = torch.tensor([p >= 0 for p in positions]).reshape(indices.shape)
+            # A negative whose row is not in this dataset (e.g. after `select`) acts as padding: weight 0.
+            texts += [np.asarray(stored[max(p, 0)], dtype=np.float32) for p in positions]
             batch["negative_weights"] = torch.where(found, weights, torch.zeros_like(weights))
             batch["num_mined"] = torch.tensor(indices.shape[1])
-        batch["image_tower_features"] = batch["image_features"]
-        batch["text_tower_features"] = texts
+        images = torch.from_numpy(np.stack([np.asarray(row[image_column], dtype=np.float32) for row in rows]))
+        if self.tail_starts is None:
+            batch["image_tower_features"] = images
+            batch["text_tower_features"] = torch.from_numpy(np.stack(texts))
+        else:
+            batch["image_block_inputs"] = images
+            batch["text_block_inputs"], batch["attention_mask"] = _pad_tokens(texts)
+            batch["image_tail_start"], batch["text_tail_start"] = self.tail_starts
         return batch
 
     def _mined_negatives(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -10,8 +10,11 @@ features, used by training, evaluation, mining and retrieval alike.
   (the projection is linear, so only the norm of its output changes), but it lets the trainer feed
   features cached once (`image_tower_features=`, `text_tower_features=`) instead of running frozen towers
   on every step, with the same result.
+* With only the last blocks of the towers training, forward also takes the cached inputs of the first
+  trainable block (`image_block_inputs=`, `text_block_inputs=`, see `hf_clipneg.tower_tails`) and runs only
+  the trainable tail of each tower.
 
-The file imports only torch and transformers: the saved model stays a `VisionTextDualEncoderModel`
+The model code imports only torch and transformers: the saved model stays a `VisionTextDualEncoderModel`
 checkpoint that plain transformers loads (see README "What a plain transformers user gets").
 """
 
@@ -22,6 +25,8 @@ import torch.nn.functional as F
 from transformers import VisionTextDualEncoderModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPOutput
+
+from .tower_tails import run_tail
 
 TEXT_POOLINGS = ("mean", "pooler")
 
@@ -100,7 +105,13 @@ class ClipNegDualEncoderModel(VisionTextDualEncoderModel):
         return self._encode_text(input_ids, attention_mask, token_type_ids, position_ids)[0]
 
     def _encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
-        outputs = self.vision_model(pixel_values=pixel_values, return_dict=True)
+        return self._normalized_image(self.vision_model(pixel_values=pixel_values, return_dict=True))
+
+    def _encode_image_tail(self, block_inputs: torch.Tensor, start: int) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
+        return self._normalized_image(run_tail(self.vision_model, start, block_inputs))
+
+    @staticmethod
+    def _normalized_image(outputs: BaseModelOutputWithPooling) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
         pooled = outputs.pooler_output
         return F.normalize(pooled.reshape(pooled.shape[0], -1), dim=-1), outputs
 
@@ -116,6 +127,16 @@ class ClipNegDualEncoderModel(VisionTextDualEncoderModel):
             position_ids=position_ids,
             return_dict=True,
         )
+        return self._pooled_text(outputs, attention_mask)
+
+    def _encode_text_tail(
+        self, block_inputs: torch.Tensor, attention_mask: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
+        return self._pooled_text(run_tail(self.text_model, start, block_inputs, attention_mask), attention_mask)
+
+    def _pooled_text(
+        self, outputs: BaseModelOutputWithPooling, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
         if self.text_pooling == "mean":
             pooled = mean_pool(outputs.last_hidden_state, attention_mask)
         else:
@@ -148,25 +169,56 @@ class ClipNegDualEncoderModel(VisionTextDualEncoderModel):
         token_type_ids: torch.Tensor | None = None,
         image_tower_features: torch.Tensor | None = None,
         text_tower_features: torch.Tensor | None = None,
+        image_block_inputs: torch.Tensor | None = None,
+        text_block_inputs: torch.Tensor | None = None,
+        image_tail_start: int | None = None,
+        text_tail_start: int | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> CLIPOutput:
         """Normalised embeddings and logits of the images and texts given as inputs or as cached features.
 
+        Each side takes exactly one of its three forms: raw inputs, cached tower features, or cached inputs of
+        the first trainable block (with the index of that block).
+
         Args:
             image_tower_features: (B, D_vision) cached `image_tower_features` instead of `pixel_values`.
             text_tower_features: (T, D_text) cached `text_tower_features` instead of `input_ids`.
+            image_block_inputs: cached input of vision block `image_tail_start` (`tower_tails.block_inputs`),
+                e.g. (B, C, H, W) for EfficientNet, (B, tokens, D) for ViT.
+            text_block_inputs: (T, tokens, D_text) cached input of text block `text_tail_start`, with the texts'
+                (T, tokens) `attention_mask`.
 
         Raises:
-            ValueError: neither or both of an input and its cached features are given.
+            ValueError: not exactly one form is given for a side, or a block input comes without its index.
         """
         vision_outputs = text_outputs = None
-        image_features = self._one_of(image_tower_features, pixel_values, "image_tower_features", "pixel_values")
-        if image_features is None:
+        image_form = self._one_of(
+            raw=(pixel_values, "pixel_values"), features=(image_tower_features, "image_tower_features"),
+            blocks=(image_block_inputs, "image_block_inputs"),
+        )
+        if image_form == "raw":
             image_features, vision_outputs = self._encode_image(pixel_values)
-        text_features = self._one_of(text_tower_features, input_ids, "text_tower_features", "input_ids")
-        if text_features is None:
+        elif image_form == "features":
+            image_features = image_tower_features
+        else:
+            image_features, vision_outputs = self._encode_image_tail(
+                image_block_inputs, self._start(image_tail_start, "image_tail_start")
+            )
+        text_form = self._one_of(
+            raw=(input_ids, "input_ids"), features=(text_tower_features, "text_tower_features"),
+            blocks=(text_block_inputs, "text_block_inputs"),
+        )
+        if text_form == "raw":
             text_features, text_outputs = self._encode_text(input_ids, attention_mask, token_type_ids, position_ids)
+        elif text_form == "features":
+            text_features = text_tower_features
+        else:
+            if attention_mask is None:
+                raise ValueError("`text_block_inputs` need the texts' `attention_mask`.")
+            text_features, text_outputs = self._encode_text_tail(
+                text_block_inputs, attention_mask, self._start(text_tail_start, "text_tail_start")
+            )
         image_embeds = F.normalize(self.visual_projection(image_features.to(self.visual_projection.weight.dtype)), dim=-1)
         text_embeds = F.normalize(self.text_projection(text_features.to(self.text_projection.weight.dtype)), dim=-1)
         logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
@@ -185,7 +237,15 @@ class ClipNegDualEncoderModel(VisionTextDualEncoderModel):
         )
 
     @staticmethod
-    def _one_of(cached: torch.Tensor | None, raw: torch.Tensor | None, cached_name: str, raw_name: str):
-        if (cached is None) == (raw is None):
-            raise ValueError(f"Pass exactly one of `{raw_name}` and `{cached_name}`.")
-        return cached
+    def _one_of(**forms: tuple[torch.Tensor | None, str]) -> str:
+        given = [form for form, (value, _) in forms.items() if value is not None]
+        if len(given) != 1:
+            names = [name for _, name in forms.values()]
+            raise ValueError(f"Pass exactly one of {', '.join(f'`{n}`' for n in names)}.")
+        return given[0]
+
+    @staticmethod
+    def _start(start: int | torch.Tensor | None, name: str) -> int:
+        if start is None:
+            raise ValueError(f"Block inputs need `{name}`, the index of the block they are the input of.")
+        return int(start)

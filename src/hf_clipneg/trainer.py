@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Sampler, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 
+from .block_features import BLOCK_INPUT_COLUMNS, TEXT_BLOCK_INPUTS, compute_block_inputs, has_block_input_columns
 from .data import map_cache_file
 from .images import without_image_decoding
 from .collator import (
@@ -48,6 +49,7 @@ from .mining import (
 )
 from .samplers import ClusterSpreadSampler, CrowdedBatchSampler
 from .setup_checks import check_training_setup
+from .tower_tails import block_list, tail_start
 from .training_args import ClipNegTrainingArguments, TowerTraining
 
 logger = logging.getLogger(__name__)
@@ -58,12 +60,6 @@ TAG_BATCH_KEYS = ("tag_input_ids", "tag_attention_mask", "tag_mask")
 ROW_INDEX_COLUMN = "_hf_clipneg_row_index"
 GROUP_CODE_COLUMN = "_hf_clipneg_group_code"
 _STRATEGIES_WITH_MINED_TEXTS = (NegativeStrategy.CLUSTER, NegativeStrategy.CLUSTER_WEIGHTED)
-
-
-def _block_list(tower: nn.Module) -> nn.ModuleList | None:
-    """The tower's main stack of blocks: its longest `nn.ModuleList` (ViT/BERT layers, EfficientNet blocks)."""
-    lists = [m for m in tower.modules() if isinstance(m, nn.ModuleList)]
-    return max(lists, key=len) if lists else None
 
 
 def set_tower_training(model: nn.Module, mode: TowerTraining | str, trainable_blocks: int = 1) -> list[nn.Module]:
@@ -93,7 +89,7 @@ def set_tower_training(model: nn.Module, mode: TowerTraining | str, trainable_bl
         if mode is TowerTraining.FROZEN or trainable_blocks == 0:
             frozen.append(tower)
             continue
-        blocks = _block_list(tower)
+        blocks = block_list(tower)
         if blocks is None:
             raise ValueError(f"Cannot find the blocks of {type(tower).__name__} to train partially; use 'full'.")
         kept = list(blocks)[-trainable_blocks:]
@@ -187,8 +183,10 @@ class ClipNegTrainer(Trainer):
             eval_dataset = without_image_decoding(eval_dataset, image_column)
         strategy = self.mining_config.strategy
         mined_per_row = 0 if strategy not in _STRATEGIES_WITH_MINED_TEXTS else args.mined_negatives_per_row
-        if args.tower_training is TowerTraining.FROZEN and args.cached_tower_features is not False:
+        if args.tower_training is not TowerTraining.FULL and args.cached_tower_features is not False:
             model.to(args.device)  # the features' provenance includes the precision chosen for this device
+        #: (vision, text) index of the first trainable block whose cached input the partial-depth path trains on
+        self.tail_starts: tuple[int, int] | None = None
         self.cached_tower_features = self._use_cached_features(args, data_collator, train_dataset, model, processing_class)
         mined_texts = (
             train_dataset is not None and mined_per_row != 0 and "negative_indices" in train_dataset.column_names
@@ -198,11 +196,13 @@ class ClipNegTrainer(Trainer):
                 train_dataset, eval_dataset = (
                     self._with_tower_features(part, model, processing_class, args) for part in (train_dataset, eval_dataset)
                 )
+            cached_texts = "text_features" if self.tail_starts is None else TEXT_BLOCK_INPUTS
             data_collator = ClipNegCollator(
                 processing_class,
                 mined_negatives_per_row=mined_per_row,
                 cached_features=True,
-                mined_text_features=text_features_by_row_id(train_dataset) if mined_texts else None,
+                mined_text_features=text_features_by_row_id(train_dataset, cached_texts) if mined_texts else None,
+                tail_starts=self.tail_starts,
             )
         elif data_collator is None:
             data_collator = ClipNegCollator(
@@ -251,8 +251,10 @@ class ClipNegTrainer(Trainer):
     def _use_cached_features(
         self, args: ClipNegTrainingArguments, data_collator: Any, train_dataset: Any, model: Any, processor: Any
     ) -> bool:
-        if args.cached_tower_features is False or args.tower_training is not TowerTraining.FROZEN:
+        """Whether to train on cached outputs of the frozen part of the towers; sets `tail_starts` at partial depth."""
+        if args.cached_tower_features is False or args.tower_training is TowerTraining.FULL:
             return False
+        partial = args.tower_training is TowerTraining.PARTIAL and args.trainable_blocks > 0
         reasons = []
         if data_collator is not None:
             reasons.append("a custom data_collator was given")
@@ -260,7 +262,15 @@ class ClipNegTrainer(Trainer):
             reasons.append("the TTD term embeds tags with the text tower")
         if args.image_augmentation:
             reasons.append("image_augmentation changes the pixels every epoch")
-        if train_dataset is not None and has_feature_columns(train_dataset):
+        if partial:
+            starts = tuple(tail_start(tower, args.trainable_blocks) for tower in (model.vision_model, model.text_model))
+            for tower, start in zip((model.vision_model, model.text_model), starts):
+                if start is None:
+                    reasons.append(
+                        f"{type(tower).__name__} cannot be cut before its last {args.trainable_blocks} block(s) "
+                        "(supported: EfficientNet, ViT, BERT-style towers with more blocks than train)"
+                    )
+        elif train_dataset is not None and has_feature_columns(train_dataset):
             if stored_provenance(train_dataset) != feature_provenance(model, processor):
                 reasons.append(
                     "the dataset's image_features/text_features were not made by this model's towers and settings "
@@ -270,24 +280,26 @@ class ClipNegTrainer(Trainer):
             raise ValueError("cached_tower_features=True is not possible here: " + "; ".join(reasons) + ".")
         if reasons:
             logger.warning("Running the frozen towers on every step: %s.", "; ".join(reasons))
-        return not reasons
+            return False
+        if partial:
+            self.tail_starts = starts
+        return True
 
     def _with_tower_features(self, dataset: Any, model: Any, processor: Any, args: ClipNegTrainingArguments) -> Any:
         if dataset is None:
             return None
         if isinstance(dataset, dict):
             return {name: self._with_tower_features(part, model, processor, args) for name, part in dataset.items()}
-        dataset = compute_features(
-            dataset,
-            model,
-            processor,
-            image_column=self.mining_config.image_column,
-            caption_column=self.mining_config.caption_column,
-            device=args.device,
-        )
-        # Only features and mining columns reach the collator: no image is decoded again.
+        columns = dict(image_column=self.mining_config.image_column, caption_column=self.mining_config.caption_column)
+        if self.tail_starts is None:
+            dataset = compute_features(dataset, model, processor, device=args.device, **columns)
+            cached = FEATURE_META_COLUMNS
+        else:
+            dataset = compute_block_inputs(dataset, model, processor, self.tail_starts, device=args.device, **columns)
+            cached = [c for c in (*FEATURE_META_COLUMNS, *BLOCK_INPUT_COLUMNS) if c in dataset.column_names]
+        # Only cached columns and mining columns reach the collator: no image is decoded again.
         unused = [c for c in (self.mining_config.image_column,) if c in dataset.column_names]
-        return dataset.remove_columns(unused).with_format("numpy", columns=list(FEATURE_META_COLUMNS), output_all_columns=True)
+        return dataset.remove_columns(unused).with_format("numpy", columns=list(cached), output_all_columns=True)
 
     @staticmethod
     def _resolve_mining_config(
@@ -556,9 +568,8 @@ class ClipNegTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        if not self.cached_tower_features:  # on cached features the towers never run
-            for module in self._frozen_modules:
-                module.eval()
+        for module in self._frozen_modules:  # frozen batch-norm statistics and dropout never change
+            module.eval()
         meta = {name: inputs.pop(name) for name in META_COLUMNS if name in inputs}
         mined_weights = inputs.pop("negative_weights", None)
         num_mined = int(inputs.pop("num_mined", 0))
@@ -751,7 +762,8 @@ class ClipNegTrainer(Trainer):
             return metrics
         self._memory_tracker.start()
         start = time.time()
-        if self.cached_tower_features and hasattr(dataset, "column_names") and not has_feature_columns(dataset):
+        cached_columns = has_feature_columns if self.tail_starts is None else has_block_input_columns
+        if self.cached_tower_features and hasattr(dataset, "column_names") and not cached_columns(dataset):
             # a dataset passed to evaluate() directly: embed it with the frozen towers, as the eval split was
             dataset = self._with_tower_features(
                 without_image_decoding(dataset, self.mining_config.image_column), self.model, self.processing_class,

@@ -58,9 +58,11 @@ class ClipNegTrainingArguments(TrainingArguments):
     cached_tower_features: bool | None = field(
         default=None,
         metadata={
-            "help": "Embed every distinct image and caption once with the frozen towers and train the projections "
-            "and logit scale on those features (same losses and gradients as running the towers, far faster). "
-            "Default: on when tower_training='frozen'; refused with trainable towers."
+            "help": "Run the frozen part of the towers once per distinct image and caption and train on its "
+            "cached output (same losses and gradients as running the towers, far faster): with "
+            "tower_training='frozen' the tower features (only the projections and logit scale run), with "
+            "'partial' the inputs of the first trainable block (only the trainable blocks run; EfficientNet, ViT "
+            "and BERT-style towers). Default: on where possible, else the towers run (logged); refused with 'full'."
         },
     )
     train_sampler: str = field(
@@ -140,11 +142,11 @@ class ClipNegTrainingArguments(TrainingArguments):
             raise ValueError(f"max_logit_scale must be > 1, got {self.max_logit_scale}.")
         if self.max_text_length is not None and self.max_text_length < 2:
             raise ValueError(f"max_text_length must be >= 2, got {self.max_text_length}.")
-        if self.cached_tower_features and self.tower_training is not TowerTraining.FROZEN:
+        if self.cached_tower_features and self.tower_training is TowerTraining.FULL:
             raise ValueError(
-                f"cached_tower_features=True needs frozen towers (tower_training='frozen'), got "
-                f"tower_training={self.tower_training.value!r}: trained tower weights change their outputs every "
-                "step. Leave cached_tower_features unset to run the towers."
+                "cached_tower_features=True needs a frozen part of the towers (tower_training='frozen' or "
+                "'partial'), got tower_training='full': every tower weight changes its outputs every step. Leave "
+                "cached_tower_features unset to run the towers."
             )
         super().__post_init__()
         if self.per_device_train_batch_size < 2:
