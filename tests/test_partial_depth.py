@@ -134,3 +134,17 @@ def test_full_training_or_a_custom_collator_runs_the_towers(tmp_path, mined, cap
     assert "cannot be cut before its last 2 block(s)" in caplog.text
     with pytest.raises(ValueError, match="cannot be cut"):
         _trainer(tmp_path, mined, True, trainable_blocks=2)
+
+
+def test_block_inputs_of_the_same_rows_are_computed_once(tmp_path, mined):
+    from datasets import load_from_disk
+
+    model, processor = build_tiny_dual_encoder()
+    mined.select(range(6)).save_to_disk(str(tmp_path / "rows"))
+    rows = load_from_disk(str(tmp_path / "rows"))
+    relabelled = rows.map(lambda row: {"rule": "other"})  # same rows, other columns (e.g. mined with another rule)
+    first = compute_block_inputs(rows, model, processor, (1, 1), device="cpu")
+    second = compute_block_inputs(relabelled, model, processor, (1, 1), device="cpu")
+    block_files = {f["filename"] for f in first.cache_files} - {f["filename"] for f in rows.cache_files}
+    assert len(block_files) == 1 and block_files <= {f["filename"] for f in second.cache_files}
+    np.testing.assert_array_equal(np.asarray(second["image_block_inputs"]), np.asarray(first["image_block_inputs"]))

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Array2D, Array3D, Dataset, Features
+from datasets import Array2D, Array3D, Dataset, Features, concatenate_datasets
 from datasets import Image as ImageFeature
 from datasets.fingerprint import Hasher
 
@@ -107,9 +107,10 @@ def compute_block_inputs(
     text block `tail_starts[1]`) to every row.
 
     Each distinct image (same bytes, or same file with the same size and modification time) is run once per
-    map batch, each distinct caption once per batch. The map's fingerprint covers the dataset, every image's
-    identity and `block_input_provenance` (tower weights, processor, text policy, precision, block indices),
-    so a changed file or other weights give new values.
+    map batch, each distinct caption once per batch. The cache fingerprint covers every row's image identity
+    and caption and `block_input_provenance` (tower weights, processor, text policy, precision, block
+    indices), so a changed file or other weights give new values, and datasets with the same rows in the same
+    order (one split mined with different rules) share one cache file.
 
     Raises:
         KeyError: a column is missing. ValueError: blank captions, an empty dataset.
@@ -135,32 +136,39 @@ def compute_block_inputs(
     model = as_clipneg_model(model).to(device)
     provenance = block_input_provenance(model, processor, tail_starts)
     keys = image_keys(dataset, image_column)
+    captions = [str(c) for c in dataset.with_format("arrow")[caption_column].to_pylist()]
+    # Content-addressed: the values depend only on each row's image identity, caption and the provenance, so
+    # datasets with the same rows (e.g. the same split mined with different rules) share one cache file.
     fingerprint = Hasher.hash(
-        ["hf_clipneg.compute_block_inputs", dataset._fingerprint, hashlib.sha256("\n".join(keys).encode()).hexdigest(),
-         provenance, image_column, caption_column]
+        ["hf_clipneg.compute_block_inputs", hashlib.sha256("\n".join(keys).encode()).hexdigest(),
+         hashlib.sha256("\n".join(captions).encode()).hexdigest(), provenance]
     )
     image_feature = dataset.features.get(image_column)
     undecoded = isinstance(image_feature, ImageFeature) and image_feature.decode
-    source = dataset.cast_column(image_column, ImageFeature(decode=False)) if undecoded else dataset
+    source = dataset.select_columns([image_column, caption_column])
+    if undecoded:
+        source = source.cast_column(image_column, ImageFeature(decode=False))
     probe = source.select([0])[image_column][0]
     image_shape = image_block_inputs(model, processor.image_processor, [to_rgb(probe, row=0, column=image_column)],
                                      tail_starts[0]).shape[1:]
     text_width = model.config.text_config.hidden_size
     features = Features(
         {
-            **source.features,
             IMAGE_BLOCK_INPUTS: (Array3D if len(image_shape) == 3 else Array2D)(shape=image_shape, dtype="float32"),
             TEXT_BLOCK_INPUTS: Array2D(shape=(None, text_width), dtype="float32"),
         }
     )
-    out = source.map(
+    cached = source.map(
         _BlockEmbedder(model, processor, image_column, caption_column, tail_starts, keys),
         batched=True,
         batch_size=batch_size,
         with_indices=True,
+        remove_columns=[image_column, caption_column],
         features=features,
         new_fingerprint=fingerprint,
-        cache_file_name=map_cache_file(source, fingerprint),
+        cache_file_name=map_cache_file(dataset, fingerprint),
         desc=f"Caching the inputs of vision block {tail_starts[0]} and text block {tail_starts[1]}",
     )
-    return out.cast_column(image_column, image_feature) if undecoded else out
+    out = concatenate_datasets([dataset.remove_columns([c for c in BLOCK_INPUT_COLUMNS if c in dataset.column_names]),
+                                cached], axis=1)
+    return out
