@@ -60,8 +60,14 @@ Steps:
    model's provenance, copied from a one-row `compute_features` call, and placeholder captions, so that only the
    texts are embedded: a user simply runs `compute_features` with the pooler model, same numbers, ~30 min longer).
 
-Depths: only `frozen`. `--depths partial` is refused: partial depth runs the towers on every step (no cached
-features), hours on 2 CPU cores for this grid.
+Depths: `--depths frozen,partial` adds, for each regime in `--partial-regimes`, a `<regime>-partial` regime
+trained with `tower_training="partial", trainable_blocks=--trainable-blocks` (the last blocks of both towers
+train). The trainer then caches the input of each tower's first trainable block once
+(`hf_clipneg.block_features.compute_block_inputs`, content-addressed, so all rules of a split share it; the
+benchmark computes it in the parent before the workers start) and runs only the trainable blocks on every step.
+Tower weights are reset to the pretrained ones before each run. The frozen prefix runs once over every image of
+train/validation/test: on 2 CPU cores that alone is about as long as the feature extraction (~1 h for
+fashion-products); later runs read it from the datasets cache.
 
 Outputs in --output-dir (default benchmarks/results): quality_results.json (per-seed numbers, settings, mining
 statistics, timings), quality_tables.md (the tables the README shows), quality_gain_vs_fn.png (gain over vanilla
@@ -139,7 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crowding-groups", type=int, default=32, help="k of the image k-means groups of crowded batches")
     p.add_argument("--text-pooling", default="mean,pooler",
                    help="first: the text pooling of every run; the others: vanilla on validation for comparison")
-    p.add_argument("--depths", default="frozen", help="only 'frozen' (partial depth runs the towers every step)")
+    p.add_argument("--depths", default="frozen", help="frozen[,partial]: partial adds <regime>-partial regimes")
+    p.add_argument("--partial-regimes", default="single", help="the regimes that get a -partial variant")
+    p.add_argument("--trainable-blocks", type=int, default=1, help="last blocks of each tower trained at partial depth")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 torch thread each)")
     p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--smoke", action="store_true", help="tiny random towers + synthetic data, seconds")
@@ -254,7 +262,10 @@ def prepare(args: argparse.Namespace, poolings: list[str]) -> dict[str, Any]:
     categories = {s: Q.codes(Q.category_keys(featured[s], category_columns), table) if has_category else None
                   for s in Q.SPLITS}
     data = {s: Q.benchmark_columns(featured[s], args.image_column, args.caption_column, categories[s]) for s in Q.SPLITS}
-    regimes = {name: regime_spec(name) for name in args.regimes.split(",") if name.strip()}
+    regimes = {name: {**regime_spec(name), "depth": "frozen"} for name in args.regimes.split(",") if name.strip()}
+    if "partial" in args.depth_list:
+        for name in [r.strip() for r in args.partial_regimes.split(",") if r.strip()]:
+            regimes[f"{name}-partial"] = {**regime_spec(name), "depth": "partial"}
     if any(r["sampler"] == "crowded" for r in regimes.values()):
         feats = np.asarray(data["train"].with_format("numpy")[IMAGE_FEATURES], dtype=np.float32)
         groups, _ = cluster_features(feats, min(args.crowding_groups, len(feats)), seed=0)
@@ -300,6 +311,10 @@ def prepare(args: argparse.Namespace, poolings: list[str]) -> dict[str, Any]:
             logger.info("mined %s/%s in %.1fs: flagged %.4f%% of random in-batch pairs", key, rule,
                         time.perf_counter() - t2, 100 * stats.evidence_flagged_fraction)
     timings["mining_s"] = time.perf_counter() - t1
+    if any(r["depth"] == "partial" for r in regimes.values()):
+        t1 = time.perf_counter()
+        precompute_block_inputs(args, regimes, models[main_pooling], processor, train_sets, mined, data)
+        timings["block_inputs_s"] = time.perf_counter() - t1
     evals = {pooling: {"validation": data["validation"], "test": data["test"]} for pooling in poolings[:1]}
     for pooling, splits in pooled.items():
         evals[pooling] = {"validation": splits["validation"]}
@@ -310,6 +325,27 @@ def prepare(args: argparse.Namespace, poolings: list[str]) -> dict[str, Any]:
     return {"models": models, "processor": processor, "trains": trains, "mined": mined, "evals": evals,
             "regimes": regimes, "has_category": has_category, "info": info, "mining": mining_stats,
             "timings": timings, "train_sets": train_sets}
+
+
+def tail_starts(model: Any, trainable_blocks: int) -> tuple[int, int]:
+    from hf_clipneg.tower_tails import tail_start
+
+    starts = (tail_start(model.vision_model, trainable_blocks), tail_start(model.text_model, trainable_blocks))
+    if None in starts:
+        raise SystemExit(f"--trainable-blocks {trainable_blocks}: these towers cannot be cut there.")
+    return starts
+
+
+def precompute_block_inputs(args, regimes, model, processor, train_sets, mined, data) -> None:
+    """The trainer's `compute_block_inputs` calls, made once in the parent so that the workers read the cache."""
+    from hf_clipneg.block_features import compute_block_inputs
+
+    starts = tail_starts(model, args.trainable_blocks)
+    keys = {r["train_key"] for r in regimes.values() if r["depth"] == "partial"}
+    datasets = [train_sets[k] for k in keys] + [data["validation"], data["test"]]
+    datasets += [ds for (key, _), ds in mined.items() if key in keys]  # same rows: read from the cache
+    for dataset in datasets:
+        compute_block_inputs(dataset, model, processor, starts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,7 +365,8 @@ def training_arguments(args: argparse.Namespace, regime: dict, strategy: str, se
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=1024, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         negative_strategy=STRATEGIES[strategy][1], seed=seed, report_to="none", save_strategy="no",
-        logging_strategy="no", disable_tqdm=True, use_cpu=True, **sampler,
+        logging_strategy="no", disable_tqdm=True, use_cpu=True, tower_training=regime["depth"],
+        trainable_blocks=args.trainable_blocks, **sampler,
     )
 
 
@@ -348,6 +385,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     rule = STRATEGIES[spec["strategy"]][0]
     train = ctx["trains"][(regime["train_key"], spec["pooling"])] if rule is None else ctx["mined"][(regime["train_key"], rule)]
     model = ctx["models"][spec["pooling"]]
+    if ctx["towers"]:  # a partial-depth run in this process may have trained the towers' last blocks
+        model.load_state_dict(ctx["towers"][spec["pooling"]], strict=False)
     missing, unexpected = model.load_state_dict(ctx["init"][(spec["pooling"], spec["seed"])], strict=False)
     assert not unexpected, unexpected
     out_dir = tempfile.mkdtemp(prefix="quality-run-")
@@ -493,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         args.paper_clusters, args.crowding_groups = 8, 4
         if args.regimes == parse_args([]).regimes:  # keep CI fast: one crowded regime exercises the sampler
             args.regimes = "single,crowded50,many"
+        if args.depths == parse_args([]).depths:  # and the partial-depth path runs too
+            args.depths = "frozen,partial"
     out_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True,
                         handlers=[logging.StreamHandler(sys.stderr), logging.FileHandler(out_dir / "quality.log", mode="w")])
@@ -501,10 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    depths = [d.strip() for d in args.depths.split(",") if d.strip()]
-    if depths != ["frozen"]:
-        raise SystemExit(f"--depths {args.depths}: only 'frozen' is supported; partial depth runs the towers on every "
-                         "step (no cached features), hours for this grid on 2 CPU cores.")
+    args.depth_list = [d.strip() for d in args.depths.split(",") if d.strip()]
+    if "frozen" not in args.depth_list or not set(args.depth_list) <= {"frozen", "partial"}:
+        raise SystemExit(f"--depths {args.depths}: use 'frozen' or 'frozen,partial'.")
     args.strategy_list = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = sorted(set(args.strategy_list) - set(STRATEGIES))
     if unknown or "vanilla" not in args.strategy_list:
@@ -527,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     ctx["init"] = {(p, s): initial_state(s, p, args.smoke, ctx["models"][p]) for p in poolings for s in seeds}
+    ctx["towers"] = {p: {k: v.detach().clone() for k, v in m.state_dict().items() if k.split(".")[0] in
+                         ("vision_model", "text_model")} for p, m in ctx["models"].items()
+                     } if "partial" in args.depth_list else {}
     ctx["timings"]["init_states_s"] = time.perf_counter() - t0
     ctx["args"] = args
     _CTX.update(ctx)
@@ -727,7 +770,8 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
         "",
         f"`python benchmarks/quality.py{' --smoke' if s['smoke'] else ''}`: data {data} (train → every choice on "
         f"validation → test reported). Every run is `compute_features` → `mine_negatives` → `ClipNegTrainer` (frozen "
-        f"towers: projections + logit scale trained on the cached tower features) → `trainer.evaluate()`. "
+        f"towers: projections + logit scale trained on the cached tower features; `-partial` regimes also train the last "
+        f"{s.get('trainable_blocks', 1)} block(s) of each tower on cached block inputs) → `trainer.evaluate()`. "
         f"Towers {'tiny random (smoke)' if s['smoke'] else 'packaged EfficientNet-Lite0 + all-MiniLM-L6-v2'}, text "
         f"pooling `{s['poolings'][0]}`; AdamW lr {s['learning_rate']:g}, weight decay {s['weight_decay']:g}, linear "
         f"decay, batch {s['batch_size']}, {s['seeds']} seeds (same initialisation and batch order for every strategy), "
