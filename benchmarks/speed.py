@@ -3,7 +3,7 @@
 Usage:
     python benchmarks/speed.py                      # full mode: packaged towers, up to 1M rows/vectors
     python benchmarks/speed.py --max-rows 100000    # skip the 1M mining and retrieval rows
-    python benchmarks/speed.py --sections trainer   # one section (mining features trainer retrieval)
+    python benchmarks/speed.py --sections trainer   # one section (mining features trainer epoch partial retrieval)
     python benchmarks/speed.py --smoke              # tiny random towers and sizes, a few seconds (CI)
 
 These machines are noisy (shared cores, other jobs), so every figure is either a ratio or a pair
@@ -551,6 +551,61 @@ def bench_epoch(args: argparse.Namespace, setup: Setup) -> None:
     ])
 
 
+def bench_partial(args: argparse.Namespace, setup: Setup) -> None:
+    """Partial depth (the last block of each tower trains): cached block inputs vs running the towers, per step."""
+    from transformers.utils import logging as hf_logging
+
+    from hf_clipneg.block_features import compute_block_inputs
+    from hf_clipneg.trainer import ClipNegTrainer
+    from hf_clipneg.tower_tails import tail_start
+    from hf_clipneg.training_args import ClipNegTrainingArguments
+
+    hf_logging.set_verbosity_error()
+    rows, caption_column, described = _epoch_data(args, setup)
+    epoch_rows = len(rows)
+    rows = rows.select(range(min(args.partial_rows, len(rows)))).flatten_indices(keep_in_memory=True)
+    if caption_column != "caption":
+        rows = rows.rename_column(caption_column, "caption")
+    batch = min(args.epoch_batch_size, len(rows))
+    starts = (tail_start(setup.model.vision_model, 1), tail_start(setup.model.text_model, 1))
+    cache_seconds, _ = timed(lambda: compute_block_inputs(rows, setup.model, setup.processor, starts))
+    times = {}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for label, cached, steps in (("cached", True, args.partial_steps), ("towers", False, args.partial_steps)):
+            state = {k: v.clone() for k, v in setup.model.state_dict().items()}
+            trainer = ClipNegTrainer(
+                model=setup.model,
+                args=ClipNegTrainingArguments(
+                    output_dir=output_dir, per_device_train_batch_size=batch, max_steps=steps + 1, learning_rate=1e-4,
+                    tower_training="partial", trainable_blocks=1, cached_tower_features=cached,
+                    negative_strategy="vanilla", report_to="none", save_strategy="no",
+                    logging_strategy="no", disable_tqdm=True, use_cpu=device_name() == "cpu", seed=0,
+                ),
+                train_dataset=rows,
+                processing_class=setup.processor,
+            )
+            stepper = Stepper(label, trainer, steps + 1)
+            stepper.step(record=False)  # warm-up
+            for _ in range(steps):
+                stepper.step(record=True)
+            times[label] = float(np.mean(stepper.totals()))
+            setup.model.load_state_dict(state)
+    steps_per_epoch = epoch_rows // batch + (epoch_rows % batch > 0)
+    per_row_cache = cache_seconds / len(rows)
+    header(f"Partial depth (last block of each tower trains): {described}, {setup.towers}, batch {batch}, "
+           f"device {device_name()}")
+    table(["path", "step (ms)", "epoch (s)", "one-off cost (s)"], [
+        ["cached block inputs (the default at partial depth)", f"{times['cached'] * 1e3:,.0f}",
+         f"{times['cached'] * steps_per_epoch:,.1f}", f"{per_row_cache * epoch_rows:,.0f} (prefix once per row)"],
+        ["towers run every step (cached_tower_features=False)", f"{times['towers'] * 1e3:,.0f}",
+         f"{times['towers'] * steps_per_epoch:,.1f}", "0"],
+        ["speed-up per epoch", "", f"{times['towers'] / times['cached']:,.1f}x", ""],
+    ])
+    print(f"Steps timed: {args.partial_steps} per path after one warm-up step, on the first {len(rows)} rows; epoch = "
+          f"{steps_per_epoch} steps over {epoch_rows} rows (extrapolated); block inputs measured on those rows "
+          f"({cache_seconds:,.1f} s, fp32/bf16 as the library chooses).")
+
+
 # --------------------------------------------------------------------------------------------------
 # Retrieval
 # --------------------------------------------------------------------------------------------------
@@ -627,7 +682,7 @@ def _faiss_gpu() -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-SECTIONS = ("mining", "features", "trainer", "epoch", "retrieval")
+SECTIONS = ("mining", "features", "trainer", "epoch", "partial", "retrieval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -648,6 +703,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epoch-batch-size", type=int, default=256, help="epoch section: training batch")
     parser.add_argument("--tower-steps", type=int, default=3, help="epoch section: timed steps of the tower path")
     parser.add_argument("--extraction-sample", type=int, default=128, help="epoch section: rows timed for extraction")
+    parser.add_argument("--partial-rows", type=int, default=512, help="partial section: rows it trains on")
+    parser.add_argument("--partial-steps", type=int, default=2, help="partial section: timed steps per path")
     parser.add_argument(
         "--ivf-nlist", default="default",
         help="IVF lists: 'default' (the library's 4*sqrt(N), trained on all N vectors: slow at 1M on few cores), "
@@ -658,6 +715,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rows, args.batch_size, args.rounds = 24, 8, 1
         args.steps, args.warmup_steps, args.micro_reps, args.profile_steps = 3, 1, 2, 1
         args.epoch_batch_size, args.tower_steps, args.extraction_sample = 8, 2, 8
+        args.partial_rows, args.partial_steps = 16, 1
         # One thread: on a busy CI runner, tiny multi-threaded ops mostly wait on descheduled peer threads.
         args.threads = args.threads or 1
     return args
@@ -680,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     for section in args.sections:
         started = time.perf_counter()
         try:
-            if section in ("features", "trainer", "epoch") and setup is None:
+            if section in ("features", "trainer", "epoch", "partial") and setup is None:
                 setup = Setup(args)
             if section == "mining":
                 bench_mining(args)
@@ -690,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench_trainer(args, setup)
             elif section == "epoch":
                 bench_epoch(args, setup)
+            elif section == "partial":
+                bench_partial(args, setup)
             else:
                 bench_retrieval(args)
         except Exception:  # report every section even if one breaks; exit non-zero at the end
