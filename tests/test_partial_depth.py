@@ -38,7 +38,7 @@ def test_the_tail_from_cached_block_inputs_equals_the_whole_tower(tower_name):
         tower = model.vision_model.eval() if tower_name == "vit" else _tiny_efficientnet()
         inputs = {"pixel_values": torch.randn(3, 3, 32, 32)}
     expected = tower(**inputs)
-    for start in range(len(block_list(tower))):
+    for start in range(len(block_list(tower)) + 1):
         hidden = block_inputs(tower, start, **inputs)
         got = run_tail(tower, start, hidden, inputs.get("attention_mask"))
         torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, atol=1e-6, rtol=0)
@@ -48,6 +48,7 @@ def test_the_tail_from_cached_block_inputs_equals_the_whole_tower(tower_name):
 def test_tail_start_refuses_what_cannot_be_cut():
     model, _ = build_tiny_dual_encoder()
     assert tail_start(model.text_model, 1) == 1
+    assert tail_start(model.text_model, 0) == 2  # frozen: the last block's output
     assert tail_start(model.text_model, 2) is None  # every block trains: nothing frozen to cache
     assert tail_start(torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 3)), 1) is None
 
@@ -148,3 +149,26 @@ def test_block_inputs_of_the_same_rows_are_computed_once(tmp_path, mined):
     block_files = {f["filename"] for f in first.cache_files} - {f["filename"] for f in rows.cache_files}
     assert len(block_files) == 1 and block_files <= {f["filename"] for f in second.cache_files}
     np.testing.assert_array_equal(np.asarray(second["image_block_inputs"]), np.asarray(first["image_block_inputs"]))
+
+
+@pytest.mark.parametrize("depth", ["frozen", "partial"])
+def test_tag_self_distillation_on_cached_inputs_equals_the_tower_path(tmp_path, mined, depth):
+    results = {}
+    for cached in (True, False):
+        trainer = _trainer(tmp_path, mined, cached, tower_training=depth, ttd_weight=1.0, negative_strategy="vanilla")
+        assert trainer.cached_tower_features is cached
+        if cached:  # frozen: the vision tower's post-block layers run on its cached last-block output
+            assert trainer.tail_starts == ((2, None) if depth == "frozen" else (1, 1))
+        model = trainer.model
+        model.train()
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+        assert "tag_input_ids" in batch
+        torch.manual_seed(1)
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        results[cached] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (cached_loss, cached_grads), (tower_loss, tower_grads) = results[True], results[False]
+    torch.testing.assert_close(cached_loss, tower_loss, atol=1e-5, rtol=0)
+    assert set(cached_grads) == set(tower_grads)
+    for name in tower_grads:
+        torch.testing.assert_close(cached_grads[name], tower_grads[name], atol=1e-5, rtol=0, msg=name)

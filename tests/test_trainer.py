@@ -263,7 +263,7 @@ def test_ttd_term_joins_the_loss_and_training_stays_finite(tmp_path, mined):
     model, processor = build_tiny_dual_encoder()
     args = _args(tmp_path, negative_strategy="cluster_weighted", max_steps=3, ttd_weight=1.0)
     trainer = ClipNegTrainer(model=model, args=args, train_dataset=mined, processing_class=processor)
-    batch = trainer.data_collator([mined[i] for i in range(4)])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     assert batch["tag_mask"].shape[0] == 4 and batch["tag_mask"].any()
     with_ttd = trainer.compute_loss(model, dict(batch)).item()
     trainer.args.ttd_weight = 0.0

@@ -31,11 +31,6 @@ TEXT_BLOCK_INPUTS = "text_block_inputs"
 BLOCK_INPUT_COLUMNS = (IMAGE_BLOCK_INPUTS, TEXT_BLOCK_INPUTS)
 
 
-def has_block_input_columns(dataset: Dataset) -> bool:
-    """True when `dataset` carries both block-input columns."""
-    return all(c in dataset.column_names for c in BLOCK_INPUT_COLUMNS)
-
-
 @torch.inference_mode()
 def image_block_inputs(model: Any, image_processor: Any, images: list[Any], start: int) -> np.ndarray:
     """(N,) RGB images -> (N, ...) float32 inputs of vision block `start` (frozen prefix, eval mode)."""
@@ -60,7 +55,7 @@ def text_block_inputs(model: Any, tokenizer: Any, texts: list[str], start: int) 
     return [hidden[i, :length] for i, length in enumerate(lengths)]
 
 
-def block_input_provenance(model: Any, processor: Any, tail_starts: tuple[int, int]) -> dict[str, Any]:
+def block_input_provenance(model: Any, processor: Any, tail_starts: tuple[int | None, int | None]) -> dict[str, Any]:
     """`feature_provenance` plus the blocks whose inputs are cached: equal provenance, equal cached values."""
     return {**feature_provenance(model, processor), "tail_starts": list(tail_starts)}
 
@@ -73,29 +68,31 @@ class _BlockEmbedder:
         self.keys = keys
 
     def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list[np.ndarray]]:
-        first_row: dict[str, int] = {}
-        for position, row in enumerate(indices):
-            first_row.setdefault(self.keys[row], position)
-        images = [
-            to_rgb(batch[self.image_column][p], row=indices[p], column=self.image_column) for p in first_row.values()
-        ]
-        by_key = dict(zip(first_row, image_block_inputs(self.model, self.processor.image_processor, images,
-                                                        self.image_start)))
-        captions = [str(c) for c in batch[self.caption_column]]
-        distinct = list(dict.fromkeys(captions))
-        by_caption = dict(zip(distinct, text_block_inputs(self.model, self.processor.tokenizer, distinct,
-                                                          self.text_start)))
-        return {
-            IMAGE_BLOCK_INPUTS: [by_key[self.keys[row]] for row in indices],
-            TEXT_BLOCK_INPUTS: [by_caption[c] for c in captions],
-        }
+        out = {}
+        if self.image_start is not None:
+            first_row: dict[str, int] = {}
+            for position, row in enumerate(indices):
+                first_row.setdefault(self.keys[row], position)
+            images = [
+                to_rgb(batch[self.image_column][p], row=indices[p], column=self.image_column) for p in first_row.values()
+            ]
+            by_key = dict(zip(first_row, image_block_inputs(self.model, self.processor.image_processor, images,
+                                                            self.image_start)))
+            out[IMAGE_BLOCK_INPUTS] = [by_key[self.keys[row]] for row in indices]
+        if self.text_start is not None:
+            captions = [str(c) for c in batch[self.caption_column]]
+            distinct = list(dict.fromkeys(captions))
+            by_caption = dict(zip(distinct, text_block_inputs(self.model, self.processor.tokenizer, distinct,
+                                                              self.text_start)))
+            out[TEXT_BLOCK_INPUTS] = [by_caption[c] for c in captions]
+        return out
 
 
 def compute_block_inputs(
     dataset: Dataset,
     model: Any,
     processor: Any,
-    tail_starts: tuple[int, int],
+    tail_starts: tuple[int | None, int | None],
     *,
     image_column: str = "image",
     caption_column: str = "caption",
@@ -104,7 +101,7 @@ def compute_block_inputs(
 ) -> Dataset:
     """Add `image_block_inputs` (the input of vision block `tail_starts[0]`, e.g. (C, H, W) float32 for
     EfficientNet) and `text_block_inputs` ((tokens, D_text) float32 at each caption's real tokens, input of
-    text block `tail_starts[1]`) to every row.
+    text block `tail_starts[1]`) to every row; a None start leaves that tower's column out.
 
     Each distinct image (same bytes, or same file with the same size and modification time) is run once per
     map batch, each distinct caption once per batch. The cache fingerprint covers every row's image identity
@@ -148,16 +145,17 @@ def compute_block_inputs(
     source = dataset.select_columns([image_column, caption_column])
     if undecoded:
         source = source.cast_column(image_column, ImageFeature(decode=False))
-    probe = source.select([0])[image_column][0]
-    image_shape = image_block_inputs(model, processor.image_processor, [to_rgb(probe, row=0, column=image_column)],
-                                     tail_starts[0]).shape[1:]
-    text_width = model.config.text_config.hidden_size
-    features = Features(
-        {
-            IMAGE_BLOCK_INPUTS: (Array3D if len(image_shape) == 3 else Array2D)(shape=image_shape, dtype="float32"),
-            TEXT_BLOCK_INPUTS: Array2D(shape=(None, text_width), dtype="float32"),
-        }
-    )
+    columns = {}
+    if tail_starts[0] is not None:
+        probe = source.select([0])[image_column][0]
+        image_shape = image_block_inputs(model, processor.image_processor, [to_rgb(probe, row=0, column=image_column)],
+                                         tail_starts[0]).shape[1:]
+        columns[IMAGE_BLOCK_INPUTS] = (Array3D if len(image_shape) == 3 else Array2D)(shape=image_shape, dtype="float32")
+    if tail_starts[1] is not None:
+        columns[TEXT_BLOCK_INPUTS] = Array2D(shape=(None, model.config.text_config.hidden_size), dtype="float32")
+    if not columns:
+        raise ValueError("tail_starts=(None, None): there is no block input to cache.")
+    features = Features(columns)
     cached = source.map(
         _BlockEmbedder(model, processor, image_column, caption_column, tail_starts, keys),
         batched=True,
@@ -169,6 +167,6 @@ def compute_block_inputs(
         cache_file_name=map_cache_file(dataset, fingerprint),
         desc=f"Caching the inputs of vision block {tail_starts[0]} and text block {tail_starts[1]}",
     )
-    out = concatenate_datasets([dataset.remove_columns([c for c in BLOCK_INPUT_COLUMNS if c in dataset.column_names]),
-                                cached], axis=1)
+    out = concatenate_datasets([dataset.remove_columns([c for c in columns if c in dataset.column_names]), cached],
+                               axis=1)
     return out

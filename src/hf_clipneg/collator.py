@@ -106,7 +106,7 @@ class ClipNegCollator:
     (B + B*m, D_text) from `text_features` (mined texts looked up in `mined_text_features`); nothing is
     decoded or tokenised. With `tail_starts` as well (partial-depth training), the inputs are the cached inputs
     of the first trainable blocks: `image_block_inputs`, `text_block_inputs` (B + B*m, T, D_text) with their
-    `attention_mask`, and `image_tail_start` / `text_tail_start`.
+    `attention_mask`, and `image_tail_start` / `text_tail_start` (either tower may use its features instead).
 
     Args:
         processor: a `VisionTextDualEncoderProcessor` (image processor + tokenizer).
@@ -118,8 +118,9 @@ class ClipNegCollator:
         cached_features: feed the rows' `image_features` / `text_features` as the model's tower features.
         mined_text_features: with `cached_features` and mined negatives, `(row_id -> position, cached texts)` of
             the training rows (`text_features_by_row_id(dataset, column)`).
-        tail_starts: with `cached_features`, the (vision, text) indices of the first trainable blocks whose
-            cached inputs (`image_block_inputs` / `text_block_inputs` columns) the rows carry.
+        tail_starts: with `cached_features`, the (vision, text) indices of the blocks whose cached inputs
+            (`image_block_inputs` / `text_block_inputs` columns) the rows carry; None for a tower fed its cached
+            tower features instead.
         meta_columns: `{batch key: row column}` of the per-row metadata to pass (`row_id`, `row_index`, `group`,
             `image_cluster`, ...). None (default): every mining column present in the rows, under its own name.
             `ClipNegTrainer` sets it, so a user column that happens to be called `group` or `row_id` is never
@@ -147,7 +148,7 @@ class ClipNegCollator:
     tags_column: str = "tags"
     cached_features: bool = False
     mined_text_features: tuple[Mapping[int, int], np.ndarray | list[np.ndarray]] | None = None
-    tail_starts: tuple[int, int] | None = None
+    tail_starts: tuple[int | None, int | None] | None = None
     meta_columns: Mapping[str, str] | None = None
     _rng: random.Random = field(init=False, repr=False)
 
@@ -187,26 +188,19 @@ class ClipNegCollator:
         )
         batch.update(tokens)
         batch["pixel_values"] = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        if self.ttd_max_tags > 0:
-            from .tags import tag_token_batch
-
-            given = [row[self.tags_column] for row in rows] if self.tags_column in rows[0] else None
-            captions = [str(row[self.caption_column]) for row in rows]
-            batch.update(
-                tag_token_batch(self.processor.tokenizer, captions, self.ttd_max_tags, self.max_length, tags=given)
-            )
+        batch.update(self._tag_tokens(rows))
         batch.update(self._metadata(rows))
         return batch
 
     def _collate_features(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        image_column, text_column = (
-            FEATURE_META_COLUMNS if self.tail_starts is None else ("image_block_inputs", "text_block_inputs")
-        )
+        image_start, text_start = self.tail_starts or (None, None)
+        image_column = "image_features" if image_start is None else "image_block_inputs"
+        text_column = "text_features" if text_start is None else "text_block_inputs"
         for column in (image_column, text_column):
             if column not in rows[0]:
                 raise KeyError(
                     f"Cached-feature batches need the {column!r} column (from "
-                    f"{'compute_features' if self.tail_starts is None else 'compute_block_inputs'})."
+                    f"{'compute_features' if column.endswith('_features') else 'compute_block_inputs'})."
                 )
         batch = self._metadata(rows)
         texts = [np.asarray(row[text_column], dtype=np.float32) for row in rows]
@@ -223,14 +217,26 @@ class ClipNegCollator:
             batch["negative_weights"] = torch.where(found, weights, torch.zeros_like(weights))
             batch["num_mined"] = torch.tensor(indices.shape[1])
         images = torch.from_numpy(np.stack([np.asarray(row[image_column], dtype=np.float32) for row in rows]))
-        if self.tail_starts is None:
+        if image_start is None:
             batch["image_tower_features"] = images
+        else:
+            batch["image_block_inputs"], batch["image_tail_start"] = images, image_start
+        if text_start is None:
             batch["text_tower_features"] = torch.from_numpy(np.stack(texts))
         else:
-            batch["image_block_inputs"] = images
             batch["text_block_inputs"], batch["attention_mask"] = _pad_tokens(texts)
-            batch["image_tail_start"], batch["text_tail_start"] = self.tail_starts
+            batch["text_tail_start"] = text_start
+        batch.update(self._tag_tokens(rows))
         return batch
+
+    def _tag_tokens(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.ttd_max_tags <= 0:
+            return {}
+        from .tags import tag_token_batch
+
+        given = [row[self.tags_column] for row in rows] if self.tags_column in rows[0] else None
+        captions = [str(row[self.caption_column]) for row in rows]
+        return tag_token_batch(self.processor.tokenizer, captions, self.ttd_max_tags, self.max_length, tags=given)
 
     def _mined_negatives(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.mined_negatives_per_row == 0 or "negative_indices" not in rows[0]:

@@ -77,15 +77,19 @@ def supports_tail(tower: nn.Module) -> bool:
 
 def tail_start(tower: nn.Module, trainable_blocks: int) -> int | None:
     """Index of the first trainable block when the last `trainable_blocks` blocks train, or None when the tower
-    cannot be split (unknown architecture, no blocks, or every block trains).
+    cannot be split (unknown architecture, no blocks, or every block trains). With `trainable_blocks=0` it is
+    the number of blocks: the cached value is the last block's output and only what follows the blocks (final
+    norm, head convolution, pooler) runs, which gives a frozen tower's full `last_hidden_state` (e.g. the
+    spatial map tag self-distillation needs).
 
     Example:
         >>> from hf_clipneg.testing import build_tiny_dual_encoder
-        >>> tail_start(build_tiny_dual_encoder()[0].text_model, trainable_blocks=1)
-        1
+        >>> tower = build_tiny_dual_encoder()[0].text_model
+        >>> tail_start(tower, trainable_blocks=1), tail_start(tower, trainable_blocks=0)
+        (1, 2)
     """
     blocks = block_list(tower)
-    if not supports_tail(tower) or blocks is None or not 0 < trainable_blocks < len(blocks):
+    if not supports_tail(tower) or blocks is None or not 0 <= trainable_blocks < len(blocks):
         return None
     return len(blocks) - trainable_blocks
 
@@ -98,17 +102,24 @@ class _PrefixDone(Exception):
 @torch.no_grad()
 def block_inputs(tower: nn.Module, start: int, **tower_inputs: torch.Tensor) -> torch.Tensor:
     """Run `tower` up to block `start` and return that block's input: (B, C, H, W) for EfficientNet,
-    (B, T, D) for ViT/BERT (float, the tower's dtype). The blocks from `start` on do not run.
+    (B, T, D) for ViT/BERT (float, the tower's dtype). The blocks from `start` on do not run; `start` equal to
+    the number of blocks returns the last block's output.
 
     Raises:
         ValueError: the tower never reached block `start` (it is not in the tower's forward pass).
     """
     blocks = block_list(tower)
 
-    def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def stop_before(module: nn.Module, args: tuple, kwargs: dict) -> None:
         raise _PrefixDone(args[0] if args else kwargs["hidden_states"])
 
-    handle = blocks[start].register_forward_pre_hook(stop, with_kwargs=True)
+    def stop_after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        raise _PrefixDone(output[0] if isinstance(output, tuple) else output)
+
+    if start < len(blocks):
+        handle = blocks[start].register_forward_pre_hook(stop_before, with_kwargs=True)
+    else:
+        handle = blocks[-1].register_forward_hook(stop_after, with_kwargs=True)
     try:
         tower(**tower_inputs, return_dict=True)
     except _PrefixDone as done:

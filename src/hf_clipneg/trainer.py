@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 
-from .block_features import BLOCK_INPUT_COLUMNS, TEXT_BLOCK_INPUTS, compute_block_inputs, has_block_input_columns
+from .block_features import BLOCK_INPUT_COLUMNS, IMAGE_BLOCK_INPUTS, TEXT_BLOCK_INPUTS, compute_block_inputs
 from .data import map_cache_file
 from .images import without_image_decoding
 from .collator import (
@@ -128,6 +128,10 @@ class ClipNegTrainer(Trainer):
     and reports text->image and image->text R@K and median rank (`eval_t2i_R@1`, ...), usable with
     `metric_for_best_model="t2i_R@1"`.
 
+    Losses: `loss` (default `WeightedContrastiveLoss()`) is the contrastive term; with `args.ttd_weight > 0`,
+    `ttd_weight * ttd_loss` is added (default `TagSelfDistillationLoss(args.ttd_temperature, args.ttd_margin)`;
+    pass your own, e.g. with `detach_image=True`).
+
     Gradient accumulation: the loss of each micro-batch is the contrastive loss within that micro-batch,
     and `loss_is_scaled_for_ga = False` lets the Trainer divide it by the accumulation steps, so GA=2 with
     batch B gives the mean of two B-batch losses (not one 2B contrastive batch: negatives never cross
@@ -159,6 +163,7 @@ class ClipNegTrainer(Trainer):
         mining_config: MiningConfig | None = None,
         loss: WeightedContrastiveLoss | None = None,
         data_collator: Any = None,
+        ttd_loss: TagSelfDistillationLoss | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(args, ClipNegTrainingArguments):
@@ -196,13 +201,17 @@ class ClipNegTrainer(Trainer):
                 train_dataset, eval_dataset = (
                     self._with_tower_features(part, model, processing_class, args) for part in (train_dataset, eval_dataset)
                 )
-            cached_texts = "text_features" if self.tail_starts is None else TEXT_BLOCK_INPUTS
+            cached_texts = "text_features" if self.tail_starts is None or self.tail_starts[1] is None else TEXT_BLOCK_INPUTS
             data_collator = ClipNegCollator(
                 processing_class,
+                caption_column=self.mining_config.caption_column,
+                max_length=text_max_length(model, processing_class.tokenizer),
                 mined_negatives_per_row=mined_per_row,
                 cached_features=True,
                 mined_text_features=text_features_by_row_id(train_dataset, cached_texts) if mined_texts else None,
                 tail_starts=self.tail_starts,
+                ttd_max_tags=args.ttd_max_tags if args.ttd_weight > 0 else 0,
+                tags_column=args.ttd_tags_column,
             )
         elif data_collator is None:
             data_collator = ClipNegCollator(
@@ -239,7 +248,9 @@ class ClipNegTrainer(Trainer):
         self.loss_fn = loss if loss is not None else WeightedContrastiveLoss(
             gather_across_processes=args.gather_across_processes
         )
-        self.ttd_loss = TagSelfDistillationLoss(temperature=args.ttd_temperature, margin=args.ttd_margin)
+        self.ttd_loss = ttd_loss if ttd_loss is not None else TagSelfDistillationLoss(
+            temperature=args.ttd_temperature, margin=args.ttd_margin
+        )
         self._frozen_modules = set_tower_training(self.model, args.tower_training, args.trainable_blocks)
         self.add_callback(LogitScaleCap(args.max_logit_scale))
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -251,26 +262,35 @@ class ClipNegTrainer(Trainer):
     def _use_cached_features(
         self, args: ClipNegTrainingArguments, data_collator: Any, train_dataset: Any, model: Any, processor: Any
     ) -> bool:
-        """Whether to train on cached outputs of the frozen part of the towers; sets `tail_starts` at partial depth."""
+        """Whether to train on cached outputs of the frozen part of the towers. Sets `tail_starts` where a tower
+        runs a tail on cached block inputs: the trainable blocks at partial depth, and with frozen towers and the
+        TTD term the vision tower's post-block layers (TTD reads its spatial output)."""
         if args.cached_tower_features is False or args.tower_training is TowerTraining.FULL:
             return False
-        partial = args.tower_training is TowerTraining.PARTIAL and args.trainable_blocks > 0
+        towers = {"vision": model.vision_model, "text": model.text_model}
+        blocks = args.trainable_blocks if args.tower_training is TowerTraining.PARTIAL else 0
         reasons = []
         if data_collator is not None:
             reasons.append("a custom data_collator was given")
-        if args.ttd_weight > 0:
-            reasons.append("the TTD term embeds tags with the text tower")
         if args.image_augmentation:
             reasons.append("image_augmentation changes the pixels every epoch")
-        if partial:
-            starts = tuple(tail_start(tower, args.trainable_blocks) for tower in (model.vision_model, model.text_model))
-            for tower, start in zip((model.vision_model, model.text_model), starts):
-                if start is None:
-                    reasons.append(
-                        f"{type(tower).__name__} cannot be cut before its last {args.trainable_blocks} block(s) "
-                        "(supported: EfficientNet, ViT, BERT-style towers with more blocks than train)"
-                    )
-        elif train_dataset is not None and has_feature_columns(train_dataset):
+        if blocks > 0:
+            starts = {name: tail_start(tower, blocks) for name, tower in towers.items()}
+            reasons += [
+                f"{type(towers[name]).__name__} cannot be cut before its last {blocks} block(s) (supported: "
+                "EfficientNet, ViT, BERT-style towers with more blocks than train)"
+                for name, start in starts.items() if start is None
+            ]
+        elif args.ttd_weight > 0:
+            starts = {"vision": tail_start(towers["vision"], 0), "text": None}
+            if starts["vision"] is None:
+                reasons.append(
+                    f"the TTD term needs the vision tower's spatial output, and {type(towers['vision']).__name__} "
+                    "cannot be cut after its blocks (supported: EfficientNet, ViT)"
+                )
+        else:
+            starts = {"vision": None, "text": None}
+        if None in starts.values() and train_dataset is not None and has_feature_columns(train_dataset):
             if stored_provenance(train_dataset) != feature_provenance(model, processor):
                 reasons.append(
                     "the dataset's image_features/text_features were not made by this model's towers and settings "
@@ -281,9 +301,17 @@ class ClipNegTrainer(Trainer):
         if reasons:
             logger.warning("Running the frozen towers on every step: %s.", "; ".join(reasons))
             return False
-        if partial:
-            self.tail_starts = starts
+        if any(start is not None for start in starts.values()):
+            self.tail_starts = (starts["vision"], starts["text"])
         return True
+
+    def _cached_columns(self) -> list[str]:
+        """The columns the cached path feeds the model: tower features and/or block inputs per tower."""
+        image_start, text_start = self.tail_starts or (None, None)
+        return [
+            "image_features" if image_start is None else IMAGE_BLOCK_INPUTS,
+            "text_features" if text_start is None else TEXT_BLOCK_INPUTS,
+        ]
 
     def _with_tower_features(self, dataset: Any, model: Any, processor: Any, args: ClipNegTrainingArguments) -> Any:
         if dataset is None:
@@ -291,15 +319,14 @@ class ClipNegTrainer(Trainer):
         if isinstance(dataset, dict):
             return {name: self._with_tower_features(part, model, processor, args) for name, part in dataset.items()}
         columns = dict(image_column=self.mining_config.image_column, caption_column=self.mining_config.caption_column)
-        if self.tail_starts is None:
+        if self.tail_starts is None or None in self.tail_starts:
             dataset = compute_features(dataset, model, processor, device=args.device, **columns)
-            cached = FEATURE_META_COLUMNS
-        else:
+        if self.tail_starts is not None:
             dataset = compute_block_inputs(dataset, model, processor, self.tail_starts, device=args.device, **columns)
-            cached = [c for c in (*FEATURE_META_COLUMNS, *BLOCK_INPUT_COLUMNS) if c in dataset.column_names]
+        cached = [c for c in (*FEATURE_META_COLUMNS, *BLOCK_INPUT_COLUMNS) if c in dataset.column_names]
         # Only cached columns and mining columns reach the collator: no image is decoded again.
         unused = [c for c in (self.mining_config.image_column,) if c in dataset.column_names]
-        return dataset.remove_columns(unused).with_format("numpy", columns=list(cached), output_all_columns=True)
+        return dataset.remove_columns(unused).with_format("numpy", columns=cached, output_all_columns=True)
 
     @staticmethod
     def _resolve_mining_config(
@@ -762,8 +789,9 @@ class ClipNegTrainer(Trainer):
             return metrics
         self._memory_tracker.start()
         start = time.time()
-        cached_columns = has_feature_columns if self.tail_starts is None else has_block_input_columns
-        if self.cached_tower_features and hasattr(dataset, "column_names") and not cached_columns(dataset):
+        if self.cached_tower_features and hasattr(dataset, "column_names") and not set(self._cached_columns()) <= set(
+            dataset.column_names
+        ):
             # a dataset passed to evaluate() directly: embed it with the frozen towers, as the eval split was
             dataset = self._with_tower_features(
                 without_image_decoding(dataset, self.mining_config.image_column), self.model, self.processing_class,
