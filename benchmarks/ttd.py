@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hf_clipneg.images import to_rgb
+from hf_clipneg.data import to_rgb
 from hf_clipneg.losses import WeightedContrastiveLoss
 from hf_clipneg.losses.tag_distillation import (
     TagSelfDistillationLoss,
@@ -243,7 +243,7 @@ def load_fashion(data_dir: Path, split: str, limit: int | None, seed: int) -> di
 
 
 def load_smoke(num_train: int, num_test: int, seed: int) -> tuple[dict, dict]:
-    from hf_clipneg.synthetic import make_synthetic_pairs
+    from hf_clipneg.data import make_synthetic_pairs
 
     out = []
     for rows, s in ((num_train, seed), (num_test, seed + 1)):

@@ -34,7 +34,7 @@ from transformers import (
 from hf_clipneg._atomic import atomic_files
 from hf_clipneg._faiss import faiss_gpu_count, import_faiss
 from hf_clipneg.encoding import as_clipneg_model, encode_images, encode_texts
-from hf_clipneg.images import to_rgb, without_image_decoding
+from hf_clipneg.data import to_rgb, without_image_decoding
 from hf_clipneg.modeling import ClipNegDualEncoderModel
 
 logger = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class ClipNegRetriever:
     ) -> np.ndarray:
         """Return the ``(N, embedding_dim)`` float32 L2-normalised image embeddings.
 
-        ``images`` is a list of PIL images, paths, bytes or arrays (anything `hf_clipneg.images.to_rgb`
+        ``images`` is a list of PIL images, paths, bytes or arrays (anything `hf_clipneg.data.to_rgb`
         decodes), a single image, or a `datasets.Dataset` whose ``image_column`` holds them.
 
         Example:

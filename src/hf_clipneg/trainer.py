@@ -19,8 +19,7 @@ from torch.utils.data import DataLoader, Sampler, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 
-from .data import map_cache_file
-from .images import without_image_decoding
+from .data import map_cache_file, without_image_decoding
 from .collator import (
     FEATURE_META_COLUMNS,
     LIST_META_COLUMNS,
