@@ -7,6 +7,7 @@ Nothing here decodes an image: paths are checked for existence only (decoding is
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -92,28 +93,24 @@ def prepare_images(
 
     if foreign:
         # Never leave a foreign path in the rows: a later save/push (which embeds files) would read it.
-        dataset = cached_map(
-            dataset,
-            _drop_foreign_paths,
-            "drop_foreign_paths",
-            {"allowed": allowed},
-            batched=True,
-            input_columns=[IMAGE_COLUMN],
-            features=dataset.features,
-            desc="Dropping foreign image paths",
-        )
+        dataset = _map_paths(dataset, _drop_foreign_paths, {"allowed": allowed}, "Dropping foreign image paths")
     if relative:
-        dataset = cached_map(
-            dataset,
-            _absolute_paths,
-            "absolute_paths",
-            {"base": base},
-            batched=True,
-            input_columns=[IMAGE_COLUMN],
-            features=dataset.features,
-            desc="Resolving image paths",
-        )
+        dataset = _map_paths(dataset, _absolute_paths, {"base": base}, "Resolving image paths")
     return dataset.cast_column(IMAGE_COLUMN, Image(mode=mode)), missing, foreign, urls
+
+
+def _map_paths(dataset: Dataset, function: Any, fn_kwargs: dict[str, Any], desc: str) -> Dataset:
+    """`function` over batches of the undecoded image column, cached under the function's name."""
+    return cached_map(
+        dataset,
+        function,
+        function.__name__.lstrip("_"),
+        fn_kwargs,
+        batched=True,
+        input_columns=[IMAGE_COLUMN],
+        features=dataset.features,
+        desc=desc,
+    )
 
 
 def _repo_locations(repo_id: str) -> tuple[str, tuple[str, ...]]:
