@@ -32,11 +32,12 @@ def load_dual_encoder(
     Example:
         >>> import tempfile
         >>> from hf_clipneg.testing import build_tiny_dual_encoder
-        >>> model, processor = build_tiny_dual_encoder()
         >>> folder = tempfile.mkdtemp()
-        >>> model.save_pretrained(folder); _ = processor.save_pretrained(folder)
-        >>> load_dual_encoder(folder)[0].config.projection_dim
-        16
+        >>> for part in build_tiny_dual_encoder(projection_dim=8):
+        ...     _ = part.save_pretrained(folder)
+        >>> model, processor = load_dual_encoder(folder)
+        >>> type(model).__name__, model.config.projection_dim
+        ('ClipNegDualEncoderModel', 8)
     """
     source = os.fspath(repo_or_path)
     hub_kwargs: dict[str, Any] = {"revision": revision, "token": token}
