@@ -74,8 +74,8 @@ def load_splits(data: str | Path, splits: Sequence[str] = SPLITS) -> dict[str, A
 
 
 def smoke_splits() -> dict[str, Any]:
-    """Tiny synthetic splits (`hf_clipneg.synthetic`) for `--smoke` runs: columns image, caption, shape, colour, size..."""
-    from hf_clipneg.synthetic import make_synthetic_splits
+    """Tiny synthetic splits (`hf_clipneg.data.synthetic`) for `--smoke` runs: columns image, caption, shape, colour, size..."""
+    from hf_clipneg.data import make_synthetic_splits
 
     splits = make_synthetic_splits(num_train=192, num_eval=48, seed=0, image_size=32, num_objects=12)
     return {name: splits[name] for name in SPLITS}

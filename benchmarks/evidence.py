@@ -33,7 +33,7 @@ logger = logging.getLogger("evidence")
 
 def colour_histograms(images) -> torch.Tensor:
     """(N, 72) L2-normalised square-rooted HSV histograms of the non-white pixels of each image."""
-    from hf_clipneg.images import to_rgb
+    from hf_clipneg.data import to_rgb
 
     out = []
     for image in images:

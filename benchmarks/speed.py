@@ -111,7 +111,7 @@ class Setup:
     """The dual encoder, its processor and the synthetic rows every section shares."""
 
     def __init__(self, args: argparse.Namespace):
-        from hf_clipneg.synthetic import make_synthetic_pairs
+        from hf_clipneg.data import make_synthetic_pairs
 
         self.args = args
         if args.smoke:
@@ -168,7 +168,7 @@ def _image_pass(setup: Setup, values: list[Any], batch_size: int):
     import torch
 
     from hf_clipneg.encoding import encode_images
-    from hf_clipneg.images import to_rgb
+    from hf_clipneg.data import to_rgb
 
     out = []
     for start in range(0, len(values), batch_size):
@@ -312,7 +312,7 @@ def _build_trainers(args: argparse.Namespace, setup: Setup, output_dir: str):
     from transformers import TrainingArguments
 
     from hf_clipneg.collator import ClipNegCollator
-    from hf_clipneg.images import without_image_decoding
+    from hf_clipneg.data import without_image_decoding
     from hf_clipneg.mining import MiningConfig, mine_negatives
     from hf_clipneg.trainer import ClipNegTrainer
     from hf_clipneg.training_args import ClipNegTrainingArguments

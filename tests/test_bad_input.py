@@ -30,9 +30,8 @@ from bad_inputs import (
     pairs_with,
 )
 from hf_clipneg.collator import ClipNegCollator
-from hf_clipneg.data import check_images, load_pairs
+from hf_clipneg.data import BadImageError, check_images, load_pairs, to_rgb
 from hf_clipneg.features import compute_features
-from hf_clipneg.images import BadImageError, to_rgb
 from hf_clipneg.mining import MiningConfig, mine_negatives
 from hf_clipneg.retrieval import ClipNegRetriever
 from hf_clipneg.trainer import ClipNegTrainer

@@ -15,7 +15,7 @@ from PIL import Image
 from hf_clipneg.features import compute_features, stored_provenance
 from hf_clipneg.mining import MiningConfig, mine_negatives
 from hf_clipneg.samplers import CrowdedBatchSampler
-from hf_clipneg.synthetic import make_synthetic_pairs
+from hf_clipneg.data import make_synthetic_pairs
 from hf_clipneg.testing import build_tiny_dual_encoder
 from hf_clipneg.trainer import ClipNegTrainer
 from hf_clipneg.training_args import ClipNegTrainingArguments

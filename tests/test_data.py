@@ -11,9 +11,8 @@ import pytest
 from datasets import Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
-from hf_clipneg import data as data_module
-from hf_clipneg.data import CAPTION_COLUMN, GROUP_COLUMN, IMAGE_COLUMN, check_images, load_pairs
-from hf_clipneg.images import BadImageError
+from hf_clipneg.data import CAPTION_COLUMN, GROUP_COLUMN, IMAGE_COLUMN, BadImageError, check_images, load_pairs
+from hf_clipneg.data import sources
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 CAPTIONS = ["a red square", "a green square", "a blue square", "a yellow square"]
@@ -170,7 +169,7 @@ def test_hub_id_is_passed_to_load_dataset(monkeypatch):
         calls.append((path, kwargs))
         return raw
 
-    monkeypatch.setattr(data_module, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(sources, "load_dataset", fake_load_dataset)
     pairs = load_pairs("someone/pairs", split="validation", revision="abc123", token="hf_x", data_dir="sub")
     expected = {"split": "validation", "revision": "abc123", "token": "hf_x", "data_dir": "sub"}
     assert calls == [("someone/pairs", expected)]
@@ -347,8 +346,8 @@ def test_non_utf8_imagefolder_metadata_is_named(image_dir):
 def test_utf8_check_accepts_characters_split_across_chunks_and_rejects_a_truncated_file(tmp_path):
     good = tmp_path / "good.csv"
     good.write_bytes("caption\n".encode() + "é€😀\n".encode() * 50)
-    data_module._check_utf8(str(good), chunk_size=3)  # every multi-byte character crosses a chunk edge
+    sources._check_utf8(str(good), chunk_size=3)  # every multi-byte character crosses a chunk edge
     truncated = tmp_path / "truncated.csv"
     truncated.write_bytes("caption\nok é".encode()[:-1])
     with pytest.raises(ValueError, match=r"line 2, column 'caption'.*Re-encode"):
-        data_module._check_utf8(str(truncated), chunk_size=3)
+        sources._check_utf8(str(truncated), chunk_size=3)

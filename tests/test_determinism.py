@@ -74,7 +74,7 @@ def _train_losses(tmp_path, name: str, mined: Dataset, seed: int = 0) -> list[fl
 
 @pytest.mark.slow
 def test_training_loss_curve_is_identical_on_cpu(tmp_path):
-    from hf_clipneg.synthetic import make_synthetic_pairs
+    from hf_clipneg.data import make_synthetic_pairs
     from hf_clipneg.testing import build_tiny_dual_encoder
 
     model, processor = build_tiny_dual_encoder(seed=0)

@@ -9,13 +9,13 @@ from datasets import Dataset, load_from_disk
 from PIL import Image
 
 from hf_clipneg.features import compute_features, model_digest
-from hf_clipneg.images import BadImageError
+from hf_clipneg.data import BadImageError
 from hf_clipneg.mining import MiningConfig, mine_negatives
 
 
 def _synthetic(rows=12):
     try:
-        from hf_clipneg.synthetic import make_synthetic_pairs
+        from hf_clipneg.data import make_synthetic_pairs
     except ImportError:  # pragma: no cover - the generator ships with the package
         colours = ["red", "green", "blue"]
         images = [Image.new("RGB", (32, 32), (255 * (i % 3 == 0), 255 * (i % 3 == 1), 255 * (i % 3 == 2))) for i in range(rows)]

@@ -118,7 +118,7 @@ def test_sigkill_during_embedding_leaves_no_cache_a_rerun_trusts(tmp_path):
     from datasets import load_from_disk
 
     from hf_clipneg.features import compute_features
-    from hf_clipneg.synthetic import make_synthetic_pairs
+    from hf_clipneg.data import make_synthetic_pairs
     from hf_clipneg.testing import build_tiny_dual_encoder
 
     module = _script()

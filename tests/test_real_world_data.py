@@ -20,9 +20,8 @@ from datasets import Dataset
 from PIL import Image, ImageOps
 
 from hf_clipneg.collator import ClipNegCollator
-from hf_clipneg.data import RemoteImageError, load_pairs, map_cache_file
+from hf_clipneg.data import BadImageError, RemoteImageError, load_pairs, map_cache_file, to_rgb
 from hf_clipneg.features import compute_features
-from hf_clipneg.images import BadImageError, to_rgb
 from hf_clipneg.losses import weighted_contrastive_loss
 from hf_clipneg.metrics import retrieval_metrics, trivial_recall_ks
 from hf_clipneg.mining import MiningConfig, group_codes, mine_negatives
@@ -116,7 +115,7 @@ def test_damaged_exif_does_not_fail_decoding(monkeypatch, caplog):
         raise SyntaxError("corrupt EXIF")
 
     monkeypatch.setattr(ImageOps, "exif_transpose", broken)
-    with caplog.at_level(logging.WARNING, logger="hf_clipneg.images"):
+    with caplog.at_level(logging.WARNING, logger="hf_clipneg.data.images"):
         image = to_rgb(data, row=7)
     assert image.size == (80, 40) and "EXIF block of the image in column 'image', row 7 is damaged" in caplog.text
 

@@ -18,10 +18,9 @@ from PIL import Image as PILImage
 
 from hf_clipneg._config import ConfigTypeError
 from hf_clipneg.cli import main
-from hf_clipneg.data import ForeignImagePathError, SplitNotFoundError, load_pairs
+from hf_clipneg.data import ForeignImagePathError, SplitNotFoundError, load_pairs, make_synthetic_pairs
 from hf_clipneg.mining import MiningConfig, mine_negatives
 from hf_clipneg.retrieval import ClipNegRetriever
-from hf_clipneg.synthetic import make_synthetic_pairs
 from hf_clipneg.testing import build_tiny_dual_encoder
 from hub_fixtures import ALICE_TOKEN, hub, unique_repo  # noqa: F401 - `hub` is a fixture
 

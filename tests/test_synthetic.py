@@ -8,7 +8,7 @@ import pytest
 from datasets import Image
 from PIL import Image as PILImage
 
-from hf_clipneg.synthetic import (
+from hf_clipneg.data import (
     COLOURS,
     POSITIONS,
     SHAPES,

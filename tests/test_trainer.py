@@ -13,7 +13,7 @@ from transformers import HfArgumentParser, VisionTextDualEncoderModel
 
 from hf_clipneg.collator import ClipNegCollator, captions_by_row_id
 from hf_clipneg.mining import MiningConfig, NegativeStrategy, mine_negatives
-from hf_clipneg.synthetic import make_synthetic_pairs
+from hf_clipneg.data import make_synthetic_pairs
 from hf_clipneg.testing import build_tiny_dual_encoder
 from hf_clipneg.trainer import ClipNegTrainer, ClusterSpreadSampler, set_tower_training
 from hf_clipneg.training_args import ClipNegTrainingArguments, TowerTraining

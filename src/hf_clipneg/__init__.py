@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_pairs": "data",
     "check_images": "data",
-    "make_synthetic_pairs": "synthetic",
-    "make_synthetic_splits": "synthetic",
+    "make_synthetic_pairs": "data",
+    "make_synthetic_splits": "data",
     "build_dual_encoder": "towers",
     "convert_efficientnet_lite0": "towers",
     "packaged_vision_tower": "towers",

@@ -18,10 +18,9 @@ from datasets import Array2D, Array3D, Dataset, Features, concatenate_datasets
 from datasets import Image as ImageFeature
 from datasets.fingerprint import Hasher
 
-from .data import map_cache_file
+from .data import map_cache_file, to_rgb
 from .encoding import _eval_mode, as_clipneg_model, autocast, text_max_length
 from .features import check_captions, feature_provenance, image_keys
-from .images import to_rgb
 from .tower_tails import block_inputs
 
 logger = logging.getLogger(__name__)

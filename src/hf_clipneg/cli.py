@@ -389,7 +389,7 @@ def cmd_search(argv: list[str]) -> int:
     import json
 
     from ._atomic import check_output_path
-    from .images import without_image_decoding
+    from .data import without_image_decoding
     from .pipeline import ColumnArguments, DataArguments
     from .retrieval import ClipNegRetriever
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import to_rgb
+from .data import to_rgb
 
 # Per-row columns written by the mining step that the in-batch rule may read.
 SCALAR_META_COLUMNS = ("row_id", "image_cluster", "text_cluster", "group")

@@ -56,7 +56,7 @@ def run_demo(args: DemoArguments) -> list[dict[str, Any]]:
     from .features import compute_features
     from .mining import MiningConfig, mine_negatives
     from .pipeline import ModelArguments
-    from .synthetic import make_synthetic_splits
+    from .data import make_synthetic_splits
     from .trainer import ClipNegTrainer
     from .training_args import ClipNegTrainingArguments
 

@@ -23,9 +23,8 @@ from datasets import Dataset
 from datasets import Image as ImageFeature
 from datasets.fingerprint import Hasher
 
-from .data import blank_captions, map_cache_file
+from .data import BadImageError, blank_captions, map_cache_file, to_rgb
 from .encoding import as_clipneg_model, autocast_dtype, encode_images, encode_texts, text_max_length
-from .images import BadImageError, to_rgb
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from .images import to_rgb
+from .data import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def cluster_montage(
     images with their captions, the row titled with the cluster's self-label. Returns the clusters shown.
 
     Example:
-        >>> from hf_clipneg.synthetic import make_synthetic_pairs
+        >>> from hf_clipneg.data import make_synthetic_pairs
         >>> ds = make_synthetic_pairs(24, seed=0).add_column("image_cluster", [i % 3 for i in range(24)])
         >>> cluster_montage(ds, "/tmp/hf_clipneg_montage.png", per_cluster=3)
         [0, 1, 2]

@@ -161,7 +161,7 @@ def load_data(
 
     columns = columns if columns is not None else ColumnArguments()
     if data_args.train_data == SYNTHETIC:
-        from .synthetic import make_synthetic_splits
+        from .data import make_synthetic_splits
 
         splits = make_synthetic_splits(data_args.synthetic_rows, data_args.synthetic_eval_rows, seed=seed)
         return splits["train"], splits["validation"] if load_eval else None
@@ -192,7 +192,7 @@ def load_eval_data(data_args: DataArguments, columns: ColumnArguments | Any | No
     """
     columns = columns if columns is not None else ColumnArguments()
     if data_args.eval_data is None and data_args.train_data == SYNTHETIC:
-        from .synthetic import make_synthetic_splits
+        from .data import make_synthetic_splits
 
         return make_synthetic_splits(data_args.synthetic_rows, data_args.synthetic_eval_rows, seed=seed)["validation"]
     from .data import load_pairs

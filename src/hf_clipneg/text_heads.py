@@ -854,7 +854,7 @@ def encode_images(model: Any, processor: Any, images: Sequence[Any], batch_size:
                   return_tower_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Joint-space image embeddings, optionally with the vision tower's own pooled features
     (the target space of an :class:`ImageSpaceProjector`). Images may be anything
-    :func:`hf_clipneg.images.to_rgb` decodes.
+    :func:`hf_clipneg.data.to_rgb` decodes.
 
     Example:
         >>> from PIL import Image
@@ -866,7 +866,7 @@ def encode_images(model: Any, processor: Any, images: Sequence[Any], batch_size:
     """
     from tqdm.auto import tqdm
 
-    from .images import to_rgb
+    from .data import to_rgb
 
     device = _model_device(model, device)
     joint, tower = [], []

@@ -20,8 +20,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import speed_metrics
 
 from .block_features import BLOCK_INPUT_COLUMNS, IMAGE_BLOCK_INPUTS, TEXT_BLOCK_INPUTS, compute_block_inputs
-from .data import map_cache_file
-from .images import without_image_decoding
+from .data import map_cache_file, without_image_decoding
 from .collator import (
     FEATURE_META_COLUMNS,
     LIST_META_COLUMNS,

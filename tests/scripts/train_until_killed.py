@@ -28,7 +28,7 @@ TRAIN_ROWS = 24  # 6 steps per epoch: the kill lands mid-epoch
 
 def build_data():
     from hf_clipneg.mining import MiningConfig, mine_negatives
-    from hf_clipneg.synthetic import make_synthetic_pairs
+    from hf_clipneg.data import make_synthetic_pairs
     from hf_clipneg.testing import build_tiny_dual_encoder
 
     model, processor = build_tiny_dual_encoder(seed=SEED)

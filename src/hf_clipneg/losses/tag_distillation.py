@@ -570,7 +570,7 @@ def single_tag_bias(
 
     Args:
         model: a `VisionTextDualEncoderModel`; processor: its processor.
-        images: the N images (PIL or anything `hf_clipneg.images.to_rgb` accepts).
+        images: the N images (PIL or anything `hf_clipneg.data.to_rgb` accepts).
         captions: the M captions to measure (usually the images' own captions).
         tags: per-caption tags; default `hf_clipneg.tags.extract_tags_batch(captions)` (single words only).
 
@@ -585,7 +585,7 @@ def single_tag_bias(
     """
     from tqdm.auto import tqdm
 
-    from ..images import to_rgb
+    from ..data import to_rgb
     from ..tags import extract_tags_batch
 
     model = _unwrap(model)
