@@ -121,7 +121,7 @@ def load_data(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, list[str], 
     """(model, processor, featured train subset, featured test, attributes, description); columns image, caption."""
     if args.smoke:
         from hf_clipneg.features import compute_features
-        from hf_clipneg.synthetic import make_synthetic_pairs
+        from hf_clipneg.data import make_synthetic_pairs
         from hf_clipneg.testing import build_tiny_dual_encoder
 
         model, processor = build_tiny_dual_encoder(projection_dim=16, image_size=32, seed=args.seed)

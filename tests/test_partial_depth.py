@@ -12,7 +12,7 @@ from transformers import EfficientNetConfig, EfficientNetModel
 
 from hf_clipneg.block_features import compute_block_inputs
 from hf_clipneg.mining import MiningConfig, mine_negatives
-from hf_clipneg.synthetic import make_synthetic_pairs
+from hf_clipneg.data import make_synthetic_pairs
 from hf_clipneg.testing import build_tiny_dual_encoder
 from hf_clipneg.tower_tails import block_inputs, block_list, run_tail, tail_start
 from hf_clipneg.trainer import ClipNegTrainer
