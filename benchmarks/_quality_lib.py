@@ -223,7 +223,7 @@ def sampler_batches(n_rows: int, batch_size: int, steps: int, seed: int, sampler
     if sampler not in ("random", "crowded"):
         raise ValueError(f"sampler must be 'random' or 'crowded', got {sampler!r}.")
     if sampler == "crowded":
-        from hf_clipneg.samplers import CrowdedBatchSampler
+        from hf_clipneg.training.samplers import CrowdedBatchSampler
 
         if groups is None:
             raise ValueError("The crowded sampler needs the group id of every row.")

@@ -356,7 +356,7 @@ _CTX: dict[str, Any] = {}  # set in the parent before the worker pool forks (cop
 
 
 def training_arguments(args: argparse.Namespace, regime: dict, strategy: str, seed: int, steps: int, output_dir: str):
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     sampler = {"train_sampler": regime["sampler"]}
     if regime["sampler"] == "crowded":
@@ -375,7 +375,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
 
-    from hf_clipneg.trainer import ClipNegTrainer
+    from hf_clipneg.training import ClipNegTrainer
 
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
@@ -474,7 +474,7 @@ def masked_pairs(ctx: dict, regime: str, strategy: str, batches: list[np.ndarray
     """Share of in-batch negative pairs `strategy` masks (weight 0, or < 1 when down-weighting) on `batches`, their
     precision (same category), and the mean weight of the negatives: `pair_weights` on the mined columns, as the
     trainer computes them (step = the batch's global step)."""
-    from hf_clipneg.collator import META_COLUMNS, ClipNegCollator
+    from hf_clipneg.training.collator import META_COLUMNS, ClipNegCollator
     from hf_clipneg.mining import DuplicateAction, MiningConfig, pair_weights
 
     rule, override = STRATEGIES[strategy]

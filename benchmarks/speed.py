@@ -250,7 +250,7 @@ def bench_features(args: argparse.Namespace, setup: Setup) -> None:
 def _plain_trainer_class():
     from transformers import Trainer
 
-    from hf_clipneg.trainer import set_tower_training
+    from hf_clipneg.training import set_tower_training
 
     class PlainClipTrainer(Trainer):
         """The baseline: symmetric InfoNCE from the model's own `return_loss=True`, towers frozen the same way."""
@@ -311,11 +311,11 @@ class Stepper:
 def _build_trainers(args: argparse.Namespace, setup: Setup, output_dir: str):
     from transformers import TrainingArguments
 
-    from hf_clipneg.collator import ClipNegCollator
+    from hf_clipneg.training.collator import ClipNegCollator
     from hf_clipneg.data import without_image_decoding
     from hf_clipneg.mining import MiningConfig, mine_negatives
-    from hf_clipneg.trainer import ClipNegTrainer
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainer
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     mined, stats = mine_negatives(setup.features(), MiningConfig(negatives_per_row=4, seed=0))
     common = dict(
@@ -357,7 +357,7 @@ def _breakdown(args: argparse.Namespace, trainers: dict[str, Any], mined: Any) -
     """Micro-timings of the parts ClipNegTrainer adds, on one batch of the same rows."""
     import torch
 
-    from hf_clipneg.collator import META_COLUMNS
+    from hf_clipneg.training.collator import META_COLUMNS
     from hf_clipneg.mining import pair_weights
 
     plain = trainers["Plain InfoNCE Trainer"]
@@ -500,8 +500,8 @@ def bench_epoch(args: argparse.Namespace, setup: Setup) -> None:
 
     from hf_clipneg.features import compute_features
     from hf_clipneg.mining import MiningConfig, mine_negatives
-    from hf_clipneg.trainer import ClipNegTrainer
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainer
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     hf_logging.set_verbosity_error()
     rows, caption_column, described = _epoch_data(args, setup)
@@ -556,9 +556,9 @@ def bench_partial(args: argparse.Namespace, setup: Setup) -> None:
     from transformers.utils import logging as hf_logging
 
     from hf_clipneg.block_features import compute_block_inputs
-    from hf_clipneg.trainer import ClipNegTrainer
+    from hf_clipneg.training import ClipNegTrainer
     from hf_clipneg.tower_tails import tail_start
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     hf_logging.set_verbosity_error()
     rows, caption_column, described = _epoch_data(args, setup)

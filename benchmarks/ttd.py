@@ -144,8 +144,8 @@ def load_data(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, list[str], 
 def run(args: argparse.Namespace) -> tuple[list[tuple[str, dict]], list[str]]:
     from transformers import PrinterCallback
 
-    from hf_clipneg.trainer import ClipNegTrainer
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainer
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     model, processor, train, test, attributes, described = load_data(args)
     notes = [described]

@@ -18,7 +18,7 @@ import sys
 
 from hf_clipneg.cli import parse
 from hf_clipneg.pipeline import ColumnArguments, DataArguments, ModelArguments, train
-from hf_clipneg.training_args import ClipNegTrainingArguments
+from hf_clipneg.training import ClipNegTrainingArguments
 
 
 def main() -> None:

@@ -29,13 +29,13 @@ from bad_inputs import (
     features_with,
     pairs_with,
 )
-from hf_clipneg.collator import ClipNegCollator
+from hf_clipneg.training.collator import ClipNegCollator
 from hf_clipneg.data import BadImageError, check_images, load_pairs, to_rgb
 from hf_clipneg.features import compute_features
 from hf_clipneg.mining import MiningConfig, mine_negatives
 from hf_clipneg.retrieval import ClipNegRetriever
-from hf_clipneg.trainer import ClipNegTrainer
-from hf_clipneg.training_args import ClipNegTrainingArguments
+from hf_clipneg.training import ClipNegTrainer
+from hf_clipneg.training import ClipNegTrainingArguments
 
 SMALL = dict(evidence="image_cluster", n_image_clusters=2, n_text_clusters=2, negatives_per_row=2)
 REMEDY_SKIP = "on_bad_image='skip'"

@@ -41,8 +41,8 @@ def featured(tiny):
 
 def _trained_batches(tiny, train, output_dir, **kwargs):
     """Row ids of every batch ClipNegTrainer really trains on."""
-    from hf_clipneg.trainer import ClipNegTrainer
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainer
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     seen = []
 

@@ -14,11 +14,11 @@ from PIL import Image
 
 from hf_clipneg.features import compute_features, stored_provenance
 from hf_clipneg.mining import MiningConfig, mine_negatives
-from hf_clipneg.samplers import CrowdedBatchSampler
+from hf_clipneg.training.samplers import CrowdedBatchSampler
 from hf_clipneg.data import make_synthetic_pairs
 from hf_clipneg.testing import build_tiny_dual_encoder
-from hf_clipneg.trainer import ClipNegTrainer
-from hf_clipneg.training_args import ClipNegTrainingArguments
+from hf_clipneg.training import ClipNegTrainer
+from hf_clipneg.training import ClipNegTrainingArguments
 
 MINING = MiningConfig(evidence="image_cluster", n_image_clusters=4, n_text_clusters=4, negatives_per_row=2)
 
@@ -102,7 +102,7 @@ def test_features_of_other_towers_are_never_trained_on(tmp_path, mined, caplog):
     with pytest.raises(ValueError, match="not made by this model's towers"):
         ClipNegTrainer(model=other[0], args=_args(tmp_path, cached_tower_features=True), train_dataset=mined,
                        processing_class=other[1])
-    with caplog.at_level(logging.WARNING, logger="hf_clipneg.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_clipneg.training"):
         trainer = ClipNegTrainer(model=other[0], args=_args(tmp_path), train_dataset=mined, processing_class=other[1])
     assert trainer.cached_tower_features is False and "not made by this model's towers" in caplog.text
     # compute_features itself recomputes columns that other towers made.

@@ -58,8 +58,8 @@ def _train_losses(tmp_path, name: str, mined: Dataset, seed: int = 0) -> list[fl
     from transformers import set_seed
 
     from hf_clipneg.testing import build_tiny_dual_encoder
-    from hf_clipneg.trainer import ClipNegTrainer
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainer
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     set_seed(seed)
     model, processor = build_tiny_dual_encoder(seed=seed)

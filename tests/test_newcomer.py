@@ -50,7 +50,7 @@ def records():
 
 def _train_types():
     from hf_clipneg.pipeline import ColumnArguments, DataArguments, ModelArguments
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     return [DataArguments, ColumnArguments, ModelArguments, ClipNegTrainingArguments]
 
@@ -93,8 +93,8 @@ def test_frozen_towers_at_transformers_default_learning_rate_warn(tiny_dual_enco
     from datasets import Dataset
     from PIL import Image
 
-    from hf_clipneg.trainer import ClipNegTrainer
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainer
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     model, processor = tiny_dual_encoder
     rows = Dataset.from_dict({"image": [Image.new("RGB", (8, 8), c) for c in ("red", "blue")], "caption": ["a", "b"]})
@@ -109,7 +109,7 @@ def test_world_size_mismatch_names_the_fix(monkeypatch, tmp_path):
     import torch.distributed as dist
 
     from hf_clipneg import setup_checks
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     args = ClipNegTrainingArguments(output_dir=str(tmp_path), report_to="none")
     assert args.world_size == 1
@@ -126,7 +126,7 @@ def test_world_size_mismatch_names_the_fix(monkeypatch, tmp_path):
 
 def test_world_size_from_the_environment(monkeypatch, tmp_path):
     from hf_clipneg import setup_checks
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     args = ClipNegTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -204,8 +204,8 @@ def test_no_pin_memory_warning_on_cpu(tiny_dual_encoder, tmp_path):
     from datasets import Dataset
     from PIL import Image
 
-    from hf_clipneg.trainer import ClipNegTrainer
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainer
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     if torch.cuda.is_available():
         pytest.skip("pinning is useful with a GPU")

@@ -15,8 +15,8 @@ from hf_clipneg.mining import MiningConfig, mine_negatives
 from hf_clipneg.data import make_synthetic_pairs
 from hf_clipneg.testing import build_tiny_dual_encoder
 from hf_clipneg.tower_tails import block_inputs, block_list, run_tail, tail_start
-from hf_clipneg.trainer import ClipNegTrainer
-from hf_clipneg.training_args import ClipNegTrainingArguments
+from hf_clipneg.training import ClipNegTrainer
+from hf_clipneg.training import ClipNegTrainingArguments
 
 MINING = MiningConfig(evidence="image_cluster", n_image_clusters=4, n_text_clusters=4, negatives_per_row=2)
 

@@ -19,7 +19,7 @@ import torch
 from datasets import Dataset
 from PIL import Image, ImageOps
 
-from hf_clipneg.collator import ClipNegCollator
+from hf_clipneg.training.collator import ClipNegCollator
 from hf_clipneg.data import BadImageError, RemoteImageError, load_pairs, map_cache_file, to_rgb
 from hf_clipneg.features import compute_features
 from hf_clipneg.losses import weighted_contrastive_loss
@@ -27,8 +27,8 @@ from hf_clipneg.metrics import retrieval_metrics, trivial_recall_ks
 from hf_clipneg.mining import MiningConfig, group_codes, mine_negatives
 from hf_clipneg.retrieval import ClipNegRetriever
 from hf_clipneg.testing import build_tiny_dual_encoder
-from hf_clipneg.trainer import ClipNegTrainer
-from hf_clipneg.training_args import ClipNegTrainingArguments
+from hf_clipneg.training import ClipNegTrainer
+from hf_clipneg.training import ClipNegTrainingArguments
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
 
@@ -391,7 +391,7 @@ def test_identical_images_make_degenerate_batches_loud(tiny, tmp_path, caplog):
     caplog.clear()
     trainer = ClipNegTrainer(model=model, args=_args(tmp_path, negative_strategy="cluster"), train_dataset=mined,
                              processing_class=processor)
-    with caplog.at_level(logging.WARNING, logger="hf_clipneg.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_clipneg.training"):
         trainer.train()
     assert "Degenerate batches: the first training batch (4 rows) has 100% of its in-batch negatives" in caplog.text
 
@@ -418,7 +418,7 @@ def test_last_batch_of_one_row_is_not_a_step(tiny, tmp_path, caplog):
     rows = Dataset.from_dict({"image": _squares(9), "caption": [f"a {COLOURS[i % 8]} bag {i}" for i in range(9)]})
     args = _args(tmp_path, max_steps=-1, num_train_epochs=1, logging_steps=1, negative_strategy="vanilla")
     trainer = ClipNegTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
-    with caplog.at_level(logging.WARNING, logger="hf_clipneg.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_clipneg.training"):
         trainer.train()
     assert trainer.state.global_step == 2  # 9 rows in batches of 4: 4 + 4 (the 1-row batch is dropped)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]

@@ -291,7 +291,7 @@ def test_train_without_eval_data_reports_no_metrics_and_a_failed_save_keeps_the_
     from transformers import VisionTextDualEncoderModel
 
     from hf_clipneg.pipeline import DataArguments, ModelArguments, train
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     csv_file = _csv_pairs(tmp_path)
     out = tmp_path / "model"
@@ -327,8 +327,8 @@ def test_train_without_eval_data_reports_no_metrics_and_a_failed_save_keeps_the_
 
 # ----------------------------------------------------------------------------------------------- 5. checkpoints
 def test_resume_skips_half_written_checkpoints(tmp_path, caplog):
-    from hf_clipneg.trainer import ClipNegTrainer
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainer
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     pairs = make_synthetic_pairs(num_rows=8, seed=0, image_size=32)
     model, processor = build_tiny_dual_encoder()
@@ -352,7 +352,7 @@ def test_resume_skips_half_written_checkpoints(tmp_path, caplog):
 
 def test_pipeline_refuses_to_resume_from_a_truncated_checkpoint(tmp_path, monkeypatch):
     from hf_clipneg.pipeline import DataArguments, ModelArguments, train
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     monkeypatch.setattr("hf_clipneg.pipeline.load_model", _no_model)
     checkpoint = tmp_path / "out" / "checkpoint-3"
@@ -436,7 +436,7 @@ def test_load_data_never_evaluates_on_the_training_rows(tmp_path):
 
 def test_eval_strategy_without_eval_data_fails_before_work(tmp_path, monkeypatch):
     from hf_clipneg.pipeline import DataArguments, ModelArguments, train
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     monkeypatch.setattr("hf_clipneg.pipeline.load_model", _no_model)
     args = ClipNegTrainingArguments(output_dir=str(tmp_path / "out"), eval_strategy="steps", eval_steps=1,
@@ -523,7 +523,7 @@ def test_pair_quantile_sets_both_thresholds():
 
 def test_a_rule_file_contradicting_mined_data_fails_before_work(tmp_path, mined, monkeypatch):
     from hf_clipneg.pipeline import DataArguments, ModelArguments, train
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     data = tmp_path / "mined"
     mined.save_to_disk(str(data))
@@ -544,8 +544,8 @@ def test_a_rule_file_contradicting_mined_data_fails_before_work(tmp_path, mined,
 def test_trainer_refuses_a_rule_that_contradicts_the_mined_data(tmp_path, mined):
     import dataclasses
 
-    from hf_clipneg.trainer import ClipNegTrainer
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainer
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     model, processor = build_tiny_dual_encoder()
     args = ClipNegTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)

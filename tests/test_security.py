@@ -149,8 +149,8 @@ def test_push_with_a_token_never_prints_logs_or_writes_it(hub, tiny_dual_encoder
 
 
 def test_trainer_outputs_never_contain_the_hub_token(tiny_dual_encoder, tmp_path, caplog, capsys):
-    from hf_clipneg.trainer import ClipNegTrainer
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainer
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     caplog.set_level(logging.DEBUG)
     model, processor = tiny_dual_encoder

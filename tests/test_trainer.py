@@ -11,12 +11,12 @@ from datasets import Dataset
 from PIL import Image
 from transformers import HfArgumentParser, VisionTextDualEncoderModel
 
-from hf_clipneg.collator import ClipNegCollator, captions_by_row_id
+from hf_clipneg.training.collator import ClipNegCollator, captions_by_row_id
 from hf_clipneg.mining import MiningConfig, NegativeStrategy, mine_negatives
 from hf_clipneg.data import make_synthetic_pairs
 from hf_clipneg.testing import build_tiny_dual_encoder
-from hf_clipneg.trainer import ClipNegTrainer, ClusterSpreadSampler, set_tower_training
-from hf_clipneg.training_args import ClipNegTrainingArguments, TowerTraining
+from hf_clipneg.training import ClipNegTrainer, ClusterSpreadSampler, set_tower_training
+from hf_clipneg.training import ClipNegTrainingArguments, TowerTraining
 from hub_fixtures import ALICE_TOKEN, hub, unique_repo  # noqa: F401 - `hub` is a fixture
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]

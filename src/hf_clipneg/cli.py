@@ -59,7 +59,7 @@ def _adjust_actions(parser: HfArgumentParser) -> None:
 
 
 def _training_arguments_type(dataclass_types: Sequence[type]) -> type | None:
-    from .training_args import ClipNegTrainingArguments
+    from .training import ClipNegTrainingArguments
 
     return ClipNegTrainingArguments if any(issubclass(t, ClipNegTrainingArguments) for t in dataclass_types) else None
 
@@ -79,7 +79,7 @@ def _given_options(dataclass_types: Sequence[type], argv: list[str], prog: str) 
 
 def _describe_tower_dependent_options(parser: HfArgumentParser) -> None:
     """Make the options whose default depends on `--tower_training` say so in `--help`."""
-    from .setup_checks import TOWER_TRAINING_DEFAULTS
+    from .training.setup_checks import TOWER_TRAINING_DEFAULTS
 
     what = {
         "learning_rate": "Peak AdamW learning rate (linear decay)",
@@ -104,14 +104,14 @@ def apply_tower_training_defaults(args: Any, given: set[str]) -> dict[str, float
     the new projections learn slowly (README, The CLI). Returns the values set.
 
     Example:
-        >>> from hf_clipneg.training_args import ClipNegTrainingArguments
+        >>> from hf_clipneg.training import ClipNegTrainingArguments
         >>> args = ClipNegTrainingArguments(output_dir="/tmp/hf_clipneg_defaults", report_to="none", learning_rate=3e-4)
         >>> apply_tower_training_defaults(args, {"learning_rate"})
         {'per_device_train_batch_size': 64, 'per_device_eval_batch_size': 64}
         >>> args.learning_rate, args.per_device_train_batch_size
         (0.0003, 64)
     """
-    from .setup_checks import TOWER_TRAINING_DEFAULTS
+    from .training.setup_checks import TOWER_TRAINING_DEFAULTS
 
     mode = getattr(args.tower_training, "value", args.tower_training)
     chosen = {name: value for name, value in TOWER_TRAINING_DEFAULTS[mode].items() if name not in given}
@@ -179,7 +179,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 def cmd_train(argv: list[str]) -> int:
     from .pipeline import ColumnArguments, DataArguments, ModelArguments, train
-    from .training_args import ClipNegTrainingArguments
+    from .training import ClipNegTrainingArguments
 
     data_args, columns, model_args, training_args = parse(
         [DataArguments, ColumnArguments, ModelArguments, ClipNegTrainingArguments], argv, "hf-clipneg train"

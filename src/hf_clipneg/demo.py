@@ -57,8 +57,8 @@ def run_demo(args: DemoArguments) -> list[dict[str, Any]]:
     from .mining import MiningConfig, mine_negatives
     from .pipeline import ModelArguments
     from .data import make_synthetic_splits
-    from .trainer import ClipNegTrainer
-    from .training_args import ClipNegTrainingArguments
+    from .training import ClipNegTrainer
+    from .training import ClipNegTrainingArguments
 
     model_args = ModelArguments(tiny_random_towers=args.tiny_random_towers)
     splits = make_synthetic_splits(args.num_train, args.num_eval, seed=args.seed)

@@ -173,7 +173,7 @@ def in_batch_summary(
     """
     import torch
 
-    from .collator import FEATURE_META_COLUMNS, LIST_META_COLUMNS, SCALAR_META_COLUMNS
+    from .training.collator import FEATURE_META_COLUMNS, LIST_META_COLUMNS, SCALAR_META_COLUMNS
     from .mining import MiningConfig, NegativeStrategy, evidence_flags, pair_weights
 
     if "row_id" not in dataset.column_names:

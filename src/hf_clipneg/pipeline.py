@@ -274,7 +274,8 @@ def train(
     from ._atomic import check_output_path, replace_files_into
     from .data import check_images
     from .mining import CONFIG_PREFIX, MiningConfig, NegativeStrategy, mine_negatives, rule_conflicts
-    from .trainer import ClipNegTrainer
+    from .training import ClipNegTrainer
+    from .training.checkpoints import checkpoint_problem
 
     if training_args.output_dir is not None:
         check_output_path(training_args.output_dir, [data_args.train_data, data_args.eval_data], "output_dir",
@@ -295,7 +296,7 @@ def train(
     if isinstance(resume, str) and resume.lower() not in ("true", "false"):
         if not os.path.isdir(resume):
             raise FileNotFoundError(f"resume_from_checkpoint: {resume!r} is not a checkpoint folder.")
-        problem = ClipNegTrainer._checkpoint_problem(resume)
+        problem = checkpoint_problem(resume)
         if problem is not None:
             raise ValueError(
                 f"Cannot resume from {resume}: {problem}. Pass an earlier, complete checkpoint, or "

@@ -12,8 +12,8 @@ from datasets import Dataset
 from PIL import Image
 
 from hf_clipneg.testing import build_tiny_dual_encoder
-from hf_clipneg.trainer import ClipNegTrainer
-from hf_clipneg.training_args import ClipNegTrainingArguments
+from hf_clipneg.training import ClipNegTrainer
+from hf_clipneg.training import ClipNegTrainingArguments
 
 
 def main(output_dir: str) -> None:

@@ -43,8 +43,8 @@ def run_training(output_dir: str, resume: bool = False, slow: float = 0.0) -> di
     """Train (or resume) and return {"losses": {step: loss}, "eval": metrics, "resumed_from": step}."""
     from transformers import TrainerCallback, set_seed
 
-    from hf_clipneg.trainer import ClipNegTrainer
-    from hf_clipneg.training_args import ClipNegTrainingArguments
+    from hf_clipneg.training import ClipNegTrainer
+    from hf_clipneg.training import ClipNegTrainingArguments
 
     set_seed(SEED)
     model, processor, mined, evaluation = build_data()

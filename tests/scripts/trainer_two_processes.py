@@ -12,8 +12,8 @@ from accelerate import PartialState
 from hf_clipneg.mining import MiningConfig, mine_negatives
 from hf_clipneg.data import make_synthetic_pairs
 from hf_clipneg.testing import build_tiny_dual_encoder
-from hf_clipneg.trainer import ClipNegTrainer
-from hf_clipneg.training_args import ClipNegTrainingArguments
+from hf_clipneg.training import ClipNegTrainer
+from hf_clipneg.training import ClipNegTrainingArguments
 
 
 def main(output_dir: str, name: str, cached: bool, per_device_batch: int) -> None:

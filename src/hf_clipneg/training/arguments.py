@@ -120,7 +120,7 @@ class ClipNegTrainingArguments(TrainingArguments):
         return state
 
     def __post_init__(self) -> None:
-        from .mining import NegativeStrategy
+        from ..mining import NegativeStrategy
 
         if self.negative_strategy is not None and not isinstance(self.negative_strategy, NegativeStrategy):
             self.negative_strategy = NegativeStrategy(self.negative_strategy)

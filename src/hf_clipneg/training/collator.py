@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import to_rgb
+from ..data import to_rgb
 
 # Per-row columns written by the mining step that the in-batch rule may read.
 SCALAR_META_COLUMNS = ("row_id", "image_cluster", "text_cluster", "group")
@@ -232,7 +232,7 @@ class ClipNegCollator:
     def _tag_tokens(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.ttd_max_tags <= 0:
             return {}
-        from .tags import tag_token_batch
+        from ..tags import tag_token_batch
 
         given = [row[self.tags_column] for row in rows] if self.tags_column in rows[0] else None
         captions = [str(row[self.caption_column]) for row in rows]

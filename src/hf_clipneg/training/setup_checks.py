@@ -58,7 +58,7 @@ def check_world_size(args: Any) -> None:
     processes and fails deep inside training with "negative_weights has shape (32, 32), expected (64, 64)".
 
     Example:
-        >>> from hf_clipneg.training_args import ClipNegTrainingArguments
+        >>> from hf_clipneg.training import ClipNegTrainingArguments
         >>> check_world_size(ClipNegTrainingArguments(output_dir="/tmp/hf_clipneg_check", report_to="none", use_cpu=True))
     """
     launched, source = launched_world_size()
