@@ -448,7 +448,7 @@ def cmd_inspect(argv: list[str]) -> int:
     import json
     import os
 
-    from .inspect import cluster_montage, flagged_pairs_grid, in_batch_summary, in_batch_weights_plot
+    from .visualize import cluster_montage, flagged_pairs_grid, in_batch_summary, in_batch_weights_plot
 
     (args,) = parse([InspectArguments], argv, "hf-clipneg inspect")
     mined = _load_mined(args.mined_dataset)
