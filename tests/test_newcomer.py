@@ -329,7 +329,7 @@ def test_tldr_uses_the_caption_column_and_checks_it_before_loading_the_model(tmp
     from datasets import Dataset
 
     from hf_clipneg.modeling import ClipNegDualEncoderModel
-    from hf_clipneg.text_heads import TldrArguments
+    from hf_clipneg.cli.tldr import TldrArguments
 
     assert TldrArguments(model_name_or_path="m", class_names="a,b", output_dir="o").text_column == "caption"
 
