@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_clipneg.text_heads import (
+from hf_clipneg.tldr import (
     ImageSpaceProjector,
     TextTrainedHead,
     build_descriptions,

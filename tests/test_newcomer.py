@@ -277,7 +277,7 @@ def test_search_prints_captions_image_paths_and_the_split(saved_tiny_model, tmp_
 def test_inspect_shows_the_rule_at_the_users_batch_size(tmp_path, capsys):
     from datasets import load_from_disk
 
-    from hf_clipneg.inspect import in_batch_summary
+    from hf_clipneg.visualize import in_batch_summary
 
     mined_dir = tmp_path / "mined"
     assert main(["mine", *TINY, "--synthetic_rows", "48", "--output_dir", str(mined_dir), "--evidence", "image_cluster",
@@ -329,7 +329,7 @@ def test_tldr_uses_the_caption_column_and_checks_it_before_loading_the_model(tmp
     from datasets import Dataset
 
     from hf_clipneg.modeling import ClipNegDualEncoderModel
-    from hf_clipneg.text_heads import TldrArguments
+    from hf_clipneg.cli.tldr import TldrArguments
 
     assert TldrArguments(model_name_or_path="m", class_names="a,b", output_dir="o").text_column == "caption"
 

@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from hub_fixtures import ALICE_TOKEN, hub, unique_repo  # noqa: F401 - `hub` is a fixture
 
-from hf_clipneg.text_heads import (
+from hf_clipneg.cli.tldr import TldrArguments, parse_attributes, tldr_main
+from hf_clipneg.tldr import (
     Balance,
     Description,
     ImageSpaceProjector,
     TextTrainedHead,
-    TldrArguments,
     balanced_weights,
     build_descriptions,
     encode_texts,
@@ -21,9 +22,7 @@ from hf_clipneg.text_heads import (
     fit_text_head,
     group_accuracy,
     modality_gap,
-    parse_attributes,
     read_descriptions,
-    tldr_main,
     zero_shot_classify,
 )
 
@@ -191,6 +190,24 @@ def test_head_save_load_round_trip(tmp_path):
         config = json.loads((tmp_path / name / "config.json").read_text())
         assert config["id2label"] == {"0": "a", "1": "b", "2": "c", "3": "d"}
         assert (config["projector"] is not None) == (name == "projector")
+
+
+def test_head_and_projector_push_to_and_load_from_the_hub(hub, tmp_path):
+    images, texts, labels, _ = synthetic_pairs(seed=8)
+    gap = modality_gap(images, texts)
+    projector = ImageSpaceProjector().fit(images, images @ np.random.default_rng(1).normal(size=(16, 8)), gap.vector)
+    head = TextTrainedHead(list("abcd"), 16, projector=projector).fit(texts, labels)
+    head_repo, projector_repo = unique_repo("tldr-head"), unique_repo("tldr-projector")
+    head.push_to_hub(head_repo, token=ALICE_TOKEN)
+    projector.push_to_hub(projector_repo, token=ALICE_TOKEN)
+    loaded = TextTrainedHead.from_pretrained(head_repo, cache_dir=tmp_path)
+    np.testing.assert_array_equal(loaded.predict(images), head.predict(images))
+    np.testing.assert_allclose(loaded.predict_proba(images), head.predict_proba(images), atol=1e-6)
+    assert loaded.training_summary == head.training_summary and loaded.projector.out_dim == 8
+    loaded_projector = ImageSpaceProjector.from_pretrained(projector_repo, cache_dir=tmp_path)
+    np.testing.assert_allclose(loaded_projector.transform(images), projector.transform(images), atol=1e-6)
+    with pytest.raises(ValueError, match="not a 'hf_clipneg_image_space_projector'"):
+        ImageSpaceProjector.from_pretrained(head_repo, cache_dir=tmp_path)
 
 
 def test_head_input_errors():

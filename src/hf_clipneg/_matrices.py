@@ -1,4 +1,4 @@
-"""Validation of embedding matrices given by users (numpy or torch), shared by metrics and text heads."""
+"""Validation of embedding matrices given by users (numpy or torch), shared by metrics and the TLDR heads."""
 
 from __future__ import annotations
 
