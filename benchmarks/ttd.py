@@ -1,7 +1,7 @@
 """Benchmark text-tag self-distillation (TTD) against the plain contrastive loss, trained by the product.
 
     python benchmarks/ttd.py --smoke                 # tiny random towers + synthetic shapes, seconds
-    python benchmarks/ttd.py --max-train 2000        # fashion-products (../shared)
+    python benchmarks/ttd.py --max-train 1000        # fashion-products (../shared)
 
 Every run is the library's own path:
 
@@ -132,11 +132,11 @@ def load_data(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, list[str], 
 
     model, processor = build_dual_encoder(projection_dim=args.projection_dim, device="cpu")
     raw = Q.load_splits(args.data_dir)
+    if args.max_train is not None and len(raw["train"]) > args.max_train:
+        rows = np.sort(np.random.default_rng(args.seed).choice(len(raw["train"]), args.max_train, replace=False))
+        raw["train"] = raw["train"].select(rows.tolist())
     featured = Q.featured_splits({s: raw[s] for s in ("train", "test")}, model, processor, "image", "title")
     train, test = (featured[s].rename_column("title", Q.CAPTION) for s in ("train", "test"))
-    if args.max_train is not None and len(train) > args.max_train:
-        rows = np.sort(np.random.default_rng(args.seed).choice(len(train), args.max_train, replace=False))
-        train = train.select(rows.tolist())
     described = f"fashion-products: {len(train)} train pairs (random subset, seed {args.seed}), {len(test)} test images"
     return model, processor, train, test, FASHION_ATTRIBUTES, described
 
