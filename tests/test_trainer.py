@@ -271,3 +271,14 @@ def test_ttd_term_joins_the_loss_and_training_stays_finite(tmp_path, mined):
     assert with_ttd != without_ttd
     trainer.args.ttd_weight = 1.0
     assert np.isfinite(trainer.train().training_loss)
+
+
+def test_model_card_records_the_losses_and_their_citations(tmp_path, mined):
+    model, processor = build_tiny_dual_encoder()
+    args = _args(tmp_path, negative_strategy="vanilla", max_steps=1, ttd_weight=0.5, ttd_temperature=0.3)
+    trainer = ClipNegTrainer(model=model, args=args, train_dataset=mined, processing_class=processor)
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert '"WeightedContrastiveLoss"' in card and '"TagSelfDistillationLoss"' in card
+    assert '"temperature": 0.3' in card
+    assert "tagami2024automatic" in card and "jo2024ttd" in card

@@ -21,7 +21,8 @@ import re
 import string
 import tempfile
 from importlib import resources
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,12 @@ def render_model_card(
     training_args: Mapping[str, Any] | Any | None = None,
     repo_id: str | None = None,
     license: str | None = None,
+    losses: Sequence[Any] = (),
 ) -> str:
     """Render the README.md model card of a dual encoder trained with hf_clipneg.
+
+    ``losses`` are the loss objects the model was trained with: each one's ``get_config_dict()`` goes into the
+    card, and its ``citation`` (BibTeX) joins the card's citations.
 
     ``base_towers`` names the towers (e.g. ``{"vision": "google/vit-base-patch16-224", "text": "bert-base"}``),
     ``eval_results`` maps metric names (e.g. ``"text_to_image/R@1"``) to values; they go into an evaluation
@@ -179,6 +184,10 @@ def render_model_card(
     eval_section = (_md_table(("Metric", "Value"), metrics) + "\n\nR@K: fraction of queries whose match is in the "
                     "top K results.") if metrics else "_No evaluation results were recorded._"
     training_section = _json_block(training) if training else "_Training arguments were not recorded._"
+    if losses:
+        configs = {type(loss).__name__: loss.get_config_dict() for loss in losses}
+        training_section = "Losses:\n\n" + _json_block(configs) + "\n\nTraining arguments:\n\n" + training_section
+    citations = [CITATION] + [c for c in (getattr(loss, "citation", None) for loss in losses) if c and c != CITATION]
     return _template("model_card_template.md").substitute(
         front_matter=_yaml(front),
         title=name,
@@ -189,7 +198,7 @@ def render_model_card(
         eval_section=eval_section,
         training_section=training_section,
         repo_id=repo_id or "<user>/<model>",
-        citation=CITATION,
+        citation="\n\n".join(citations),
     )
 
 
@@ -270,7 +279,7 @@ def render_dataset_card(
         mining_section=_json_block(mining),
         stats_section=stats_section,
         repo_id=repo_id or "<user>/<dataset>",
-        citation=CITATION,
+        citation="\n\n".join(citations),
     )
 
 

@@ -336,6 +336,14 @@ class TagSelfDistillationLoss(nn.Module):
         self.mode = mode
         self.detach_image = bool(detach_image)
 
+    #: BibTeX of the paper this loss follows.
+    citation = """@inproceedings{jo2024ttd,
+  title     = {{TTD}: Text-Tag Self-Distillation Enhancing Image-Text Alignment in {CLIP} to Alleviate Single Tag Bias},
+  author    = {Jo and others},
+  booktitle = {European Conference on Computer Vision (ECCV)},
+  year      = {2024}
+}"""
+
     def get_config_dict(self) -> dict[str, Any]:
         """The options of this loss, for model cards and reproducibility.
 

@@ -213,6 +213,14 @@ class WeightedContrastiveLoss(nn.Module):
         (torch.Size([]), True)
     """
 
+    #: BibTeX of the method this loss implements (in-batch negative weights from mined image similarity).
+    citation = """@inproceedings{tagami2024automatic,
+  title     = {Automatic data generation of incorrect image-text pairs for effective contrastive learning of {CLIP} model},
+  author    = {Tagami and Kobayashi and Akizuki and Hashimoto},
+  booktitle = {WSCG 2024: International Conference in Central Europe on Computer Graphics, Visualization and Computer Vision},
+  year      = {2024}
+}"""
+
     def __init__(self, gather_across_processes: bool = True, max_logit_scale: float | None = None) -> None:
         super().__init__()
         if max_logit_scale is not None and not max_logit_scale > 0:

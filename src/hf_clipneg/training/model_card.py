@@ -30,6 +30,7 @@ def write_model_card(trainer: Any, dataset: str | list[str] | None = None) -> No
         eval_results=eval_results,
         training_args={k: v for k, v in trainer.args.to_dict().items() if not k.endswith("token")},
         repo_id=trainer.hub_model_id if hasattr(trainer, "hub_model_id") else trainer.args.hub_model_id,
+        losses=[trainer.loss_fn] + ([trainer.ttd_loss] if trainer.args.ttd_weight > 0 else []),
     )
     with open(os.path.join(trainer.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)
