@@ -279,7 +279,7 @@ def render_dataset_card(
         mining_section=_json_block(mining),
         stats_section=stats_section,
         repo_id=repo_id or "<user>/<dataset>",
-        citation="\n\n".join(citations),
+        citation=CITATION,
     )
 
 
