@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _quality_lib as Q  # noqa: E402
 
 from hf_clipneg.encoding import encode_texts  # noqa: E402
-from hf_clipneg.losses.tag_distillation import TagSelfDistillationLoss, single_tag_bias_from_embeddings  # noqa: E402
+from hf_clipneg.losses.tag_bias import single_tag_bias_from_embeddings  # noqa: E402
+from hf_clipneg.losses.tag_distillation import TagSelfDistillationLoss  # noqa: E402
 from hf_clipneg.tags import extract_tags_batch  # noqa: E402
 
 FASHION_ATTRIBUTES = ["base_colour", "article_type", "gender", "usage"]

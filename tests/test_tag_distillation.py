@@ -11,13 +11,12 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from hf_clipneg.losses import WeightedContrastiveLoss
+from hf_clipneg.losses.tag_bias import single_tag_bias, single_tag_bias_from_embeddings
 from hf_clipneg.losses.tag_distillation import (
     TagSelfDistillationLoss,
     dense_image_embeddings,
     select_tags,
     similarity_maps,
-    single_tag_bias,
-    single_tag_bias_from_embeddings,
     tag_grounding_scores,
     ttd_loss_term,
 )
