@@ -20,7 +20,7 @@ from datasets.fingerprint import Hasher
 
 from .data import map_cache_file, to_rgb
 from .encoding import _eval_mode, as_clipneg_model, autocast, text_max_length
-from .features import check_captions, feature_provenance, image_keys
+from .features import check_embeddable, feature_provenance, image_keys
 from .tower_tails import block_inputs
 
 logger = logging.getLogger(__name__)
@@ -122,11 +122,7 @@ def compute_block_inputs(
         >>> row["image_block_inputs"].shape, row["text_block_inputs"].shape
         ((17, 32), (5, 32))
     """
-    if image_column not in dataset.column_names:
-        raise KeyError(f"Image column {image_column!r} not found (columns: {dataset.column_names}); pass image_column=.")
-    check_captions(dataset, caption_column)
-    if len(dataset) == 0:
-        raise ValueError("The dataset is empty: there is nothing to embed.")
+    check_embeddable(dataset, image_column, caption_column)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = as_clipneg_model(model).to(device)

@@ -97,6 +97,19 @@ def check_captions(dataset: Dataset, caption_column: str) -> None:
         )
 
 
+def check_embeddable(dataset: Dataset, image_column: str, caption_column: str) -> None:
+    """Raise a clear error unless every row of `dataset` has an image column and a non-blank caption.
+
+    Raises:
+        KeyError: a column is missing. ValueError: blank captions (naming the rows), an empty dataset.
+    """
+    if image_column not in dataset.column_names:
+        raise KeyError(f"Image column {image_column!r} not found (columns: {dataset.column_names}); pass image_column=.")
+    check_captions(dataset, caption_column)
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty: there is nothing to embed.")
+
+
 FEATURES_PREFIX = "hf_clipneg.features="  # the provenance line compute_features writes into info.description
 
 
@@ -318,11 +331,7 @@ def compute_features(
     if present and stored is None:
         logger.info("Dataset already has %r and %r of its own: using them.", IMAGE_FEATURES, TEXT_FEATURES)
         return dataset
-    if image_column not in dataset.column_names:
-        raise KeyError(f"Image column {image_column!r} not found (columns: {dataset.column_names}); pass image_column=.")
-    check_captions(dataset, caption_column)
-    if len(dataset) == 0:
-        raise ValueError("The dataset is empty: there is nothing to embed.")
+    check_embeddable(dataset, image_column, caption_column)
     if model is None:
         from .towers import build_dual_encoder
 

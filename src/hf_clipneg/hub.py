@@ -24,6 +24,8 @@ from importlib import resources
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._citations import TAGAMI_2024
+
 logger = logging.getLogger(__name__)
 
 # Same literal as `hf_clipneg.mining.CONFIG_PREFIX` (not imported: mining pulls in torch); one line of
@@ -35,12 +37,7 @@ CARD_TAGS = ["hf-clipneg", "clip", "image-text-retrieval"]
 DEFAULT_MODEL_COMMIT_MESSAGE = "Upload hf_clipneg dual encoder"
 DEFAULT_DATASET_COMMIT_MESSAGE = "Upload hf_clipneg mined dataset"
 
-CITATION = """@inproceedings{tagami2024automatic,
-  title     = {Automatic data generation of incorrect image-text pairs for effective contrastive learning of {CLIP} model},
-  author    = {Tagami and Kobayashi and Akizuki and Hashimoto},
-  booktitle = {WSCG 2024: International Conference in Central Europe on Computer Graphics, Visualization and Computer Vision},
-  year      = {2024}
-}"""
+CITATION = TAGAMI_2024
 
 # Configuration keys whose values must never reach a card (e.g. TrainingArguments.hub_token).
 _SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential", re.IGNORECASE)

