@@ -157,9 +157,14 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def encode_images(model: Any, image_processor: Any, images: Sequence[Image.Image], project: bool = False) -> torch.Tensor:
+def encode_images(
+    model: Any, image_processor: Any, images: Sequence[Image.Image], project: bool = False, normalize: bool = True
+) -> torch.Tensor:
     """(N,) RGB PIL images -> (N, D) float32 L2-normalised tower features (`project=False`, D = vision width)
     or joint-space embeddings (`project=True`, D = projection_dim), on the model's device.
+
+    `normalize=False` returns the values before their final L2 normalisation: the vision tower's raw pooled
+    output (`project=False`) or the projection of the tower features (`project=True`).
 
     Example:
         >>> from hf_clipneg.testing import build_tiny_dual_encoder
@@ -171,10 +176,13 @@ def encode_images(model: Any, image_processor: Any, images: Sequence[Image.Image
     device = _device_of(model)
     pixel_values = image_processor(images=list(images), return_tensors="pt")["pixel_values"].to(device)
     with _eval_mode(model), autocast(device):
-        features = model.image_tower_features(pixel_values)
+        features, outputs = model._encode_image(pixel_values)
         if project:
             features = model.visual_projection(features)
-    return torch.nn.functional.normalize(features.float(), dim=-1)
+        elif not normalize:
+            features = outputs.pooler_output.reshape(len(features), -1)
+    features = features.float()
+    return torch.nn.functional.normalize(features, dim=-1) if normalize else features
 
 
 @torch.inference_mode()

@@ -67,9 +67,6 @@ def encode_images(model: Any, processor: Any, images: Sequence[Any], batch_size:
     output of the vision tower (the target space of an :class:`ImageSpaceProjector`). Images may be anything
     :func:`hf_clipneg.data.to_rgb` decodes.
 
-    This loop runs the tower itself: `hf_clipneg.encoding.encode_images` returns L2-normalised tower features
-    only, and the projector is fitted on the unnormalised pooled output.
-
     Example:
         >>> from PIL import Image
         >>> from hf_clipneg.testing import build_tiny_dual_encoder
@@ -81,18 +78,17 @@ def encode_images(model: Any, processor: Any, images: Sequence[Any], batch_size:
     from tqdm.auto import tqdm
 
     from ..data import to_rgb
+    from ..encoding import encode_images as encode_batch
 
-    device = model_device(model, device)
+    model = model.to(model_device(model, device))
+    image_processor = getattr(processor, "image_processor", processor)
     joint, tower = [], []
-    was_training = model.training
-    model.eval()
     for start in tqdm(range(0, len(images), batch_size), desc="Encoding images", disable=len(images) <= batch_size):
         batch = [to_rgb(image, row=start + i) for i, image in enumerate(images[start:start + batch_size])]
-        pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
-        pooled = model.vision_model(pixel_values=pixel_values, return_dict=True).pooler_output
-        tower.append(pooled.float().cpu())
-        joint.append(model.visual_projection(pooled).float().cpu())
-    model.train(was_training)
+        pooled = encode_batch(model, image_processor, batch, normalize=False)
+        tower.append(pooled.cpu())
+        with torch.no_grad():  # the projection is linear and bias-free: of the raw or the normalised output alike
+            joint.append(model.visual_projection(pooled.to(model.visual_projection.weight.dtype)).float().cpu())
     embeds = torch.cat(joint)
     if normalize:
         embeds = torch.nn.functional.normalize(embeds, dim=1)
