@@ -108,7 +108,7 @@ def test_frozen_towers_at_transformers_default_learning_rate_warn(tiny_dual_enco
 def test_world_size_mismatch_names_the_fix(monkeypatch, tmp_path):
     import torch.distributed as dist
 
-    from hf_clipneg import setup_checks
+    from hf_clipneg.training import setup_checks
     from hf_clipneg.training import ClipNegTrainingArguments
 
     args = ClipNegTrainingArguments(output_dir=str(tmp_path), report_to="none")
@@ -125,7 +125,7 @@ def test_world_size_mismatch_names_the_fix(monkeypatch, tmp_path):
 
 
 def test_world_size_from_the_environment(monkeypatch, tmp_path):
-    from hf_clipneg import setup_checks
+    from hf_clipneg.training import setup_checks
     from hf_clipneg.training import ClipNegTrainingArguments
 
     args = ClipNegTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
