@@ -17,7 +17,7 @@ from ..clustering import default_n_clusters
 from ..features import IMAGE_FEATURES, TEXT_FEATURES, has_feature_columns
 from .arrays import as_float_matrix, caption_codes, feature_matrix, finite_rows, group_codes, may_overwrite, normalise_rows
 from .clusters import fit_clusters, one_cluster
-from .config import DuplicateEvidence, MiningConfig, describe_evidence
+from .config import DuplicateEvidence, MiningConfig
 from .selection import NegativeSelector
 from .stats import estimate_statistics
 
@@ -170,10 +170,10 @@ class NegativeMiner:
             config.image_centroid_threshold = self.image.threshold
         else:
             logger.info(
-                "Skipping the image k-means: %s reads no clusters, so image_cluster is 0 for every usable row "
+                "Skipping the image k-means: evidence=%s reads no clusters, so image_cluster is 0 for every usable row "
                 "(-1 for skipped rows). Set cluster_images=True (or n_image_clusters) for k-means clusters, e.g. "
                 "for train_sampler='cluster_spread' or 'crowded', which group batches by image_cluster.",
-                describe_evidence(config),
+                config.evidence.value,
             )
             self.image = one_cluster(self.image_features, self.valid)
         self._image_similarity = self.image.similarity
