@@ -401,6 +401,26 @@ def test_default_rule_skips_kmeans_and_writes_one_placeholder_cluster(monkeypatc
     assert len(set(clustered["image_cluster"]) - {-1}) > 1 and "text_cluster" in clustered.column_names
 
 
+def test_training_with_a_cluster_sampler_asks_mining_for_image_clusters():
+    from types import SimpleNamespace
+
+    from hf_clipneg.pipeline import _with_sampler_clusters
+
+    crowded = SimpleNamespace(train_sampler="crowded", sampler_group_column="image_cluster")
+    assert _with_sampler_clusters(MiningConfig(), crowded).cluster_images
+    assert not _with_sampler_clusters(MiningConfig(), SimpleNamespace(train_sampler="random")).cluster_images
+    own_column = SimpleNamespace(train_sampler="cluster_spread", sampler_group_column="product_id")
+    assert not _with_sampler_clusters(MiningConfig(), own_column).cluster_images
+
+
+def test_every_public_name_of_the_mining_package_resolves():
+    import hf_clipneg.mining as mining
+
+    assert {"MiningConfig", "NegativeMiner", "MiningStats", "mine_negatives", "pair_weights", "group_codes"} <= set(mining.__all__)
+    for name in mining.__all__:
+        assert getattr(mining, name) is not None, name
+
+
 def test_mining_and_retrieval_metrics_agree_on_what_the_same_caption_is():
     from hf_clipneg.metrics import groups_from_captions
     from hf_clipneg.mining.arrays import caption_codes

@@ -50,19 +50,28 @@ _LAZY_EXPORTS = {
     "unreadable_caption_rows": "mine",
 }
 
-__all__ = sorted([
+__all__ = [
     "CONFIG_PREFIX",
     "DEFAULT_IMAGE_COSINE_THRESHOLD",
-    "RESOLVED_FIELDS",
+    "DEGENERATE_MASKED_FRACTION",
     "DuplicateAction",
     "DuplicateEvidence",
     "MiningConfig",
+    "MiningStats",
+    "NegativeMiner",
     "NegativeSampling",
     "NegativeStrategy",
+    "RESOLVED_FIELDS",
     "describe_evidence",
+    "distance_weights",
+    "evidence_flags",
+    "group_codes",
+    "mine_negatives",
+    "pair_weights",
+    "random_pair_flags",
     "rule_conflicts",
-    *_LAZY_EXPORTS,
-])
+    "unreadable_caption_rows",
+]
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY_EXPORTS, globals())

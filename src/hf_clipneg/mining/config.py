@@ -101,6 +101,7 @@ RESOLVED_FIELDS = (
     "image_cosine_threshold", "text_cosine_threshold", "image_distance_mean", "random_drop_fraction",
 )
 _COLUMN_FIELDS = ("image_column", "caption_column", "group_column")
+_FROM_CLUSTER_QUANTILE = "Resolved by mining from similar_cluster_quantile (stored with the mined data); leave unset."
 
 
 @dataclass
@@ -199,18 +200,8 @@ class MiningConfig:
             "centroid pairs (e.g. 0.99). Default (None): the same cluster only."
         )},
     )
-    image_centroid_threshold: float | None = field(
-        default=None,
-        metadata={"help": (
-            "Resolved by mining from similar_cluster_quantile (stored with the mined data); leave unset."
-        )},
-    )
-    text_centroid_threshold: float | None = field(
-        default=None,
-        metadata={"help": (
-            "Resolved by mining from similar_cluster_quantile (stored with the mined data); leave unset."
-        )},
-    )
+    image_centroid_threshold: float | None = field(default=None, metadata={"help": _FROM_CLUSTER_QUANTILE})
+    text_centroid_threshold: float | None = field(default=None, metadata={"help": _FROM_CLUSTER_QUANTILE})
     image_cosine_threshold: float | None = field(
         default=DEFAULT_IMAGE_COSINE_THRESHOLD,
         metadata={"help": (
