@@ -27,7 +27,8 @@ _MINING_VERSION = "1"
 
 
 class NegativeMiner:
-    """Fit clusters once, then add the mining columns to any batch of rows (a `datasets` map function).
+    """Fit the rule's state once (clusters when the rule needs them, thresholds, candidate pools), then add the
+    mining columns to any batch of rows (a `datasets` map function).
 
     After :meth:`fit` (or :meth:`fit_arrays`), ``miner(batch, indices)`` returns the new columns for
     those row positions; explicit negatives are drawn deterministically from (seed, row index), so the
@@ -58,7 +59,7 @@ class NegativeMiner:
     # ---- fitting -------------------------------------------------------------------------------
 
     def fit(self, dataset: Dataset) -> NegativeMiner:
-        """Read the feature (and group / caption) columns of `dataset` and fit the clusters."""
+        """Read the feature (and group / caption) columns of `dataset` and fit (see :meth:`fit_arrays`)."""
         if not has_feature_columns(dataset):
             raise KeyError(
                 f"fit needs {IMAGE_FEATURES!r} and {TEXT_FEATURES!r} columns: run compute_features(dataset) first "
@@ -231,6 +232,7 @@ class NegativeMiner:
     # ---- the datasets map function -----------------------------------------------------------------
 
     def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, Any]:
+        """The mining columns of the rows at positions `indices` (``datasets.map(..., with_indices=True)``)."""
         self._check_fitted()
         rows = np.asarray(indices, dtype=np.int64)
         negatives, weights, _ = self.select_negatives(rows)
