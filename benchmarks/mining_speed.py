@@ -77,7 +77,7 @@ def _run(path: str, assignment: str, queue) -> None:
     load = os.getloadavg()[0]
     cpu_started = time.process_time()
     started = time.perf_counter()
-    config = MiningConfig(negatives_per_row=4, cluster_text=False, kmeans_assignment=assignment)
+    config = MiningConfig(negatives_per_row=4, cluster_text=False, cluster_images=True, kmeans_assignment=assignment)
     miner = NegativeMiner(config).fit_arrays(features)
     fitted = time.perf_counter()
     short = 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -94,6 +96,19 @@ def test_push_mined_dataset_roundtrip_and_config(hub, tmp_path):
     assert meta["hf_clipneg"]["mining_config"] == MINING_CONFIG
     assert "dataset_info" in meta and "configs" in meta  # what push_to_hub wrote is kept
     assert "| rows | 6 |" in card.text and "Tagami" in card.text
+
+
+def test_the_hub_reads_the_mining_config_prefix_from_the_torch_free_mining_config():
+    """One prefix, defined in hf_clipneg.mining.config and used by the Hub code, whose import stays free of torch."""
+    code = (
+        "import sys\n"
+        "import hf_clipneg.hub as hub\n"
+        "import hf_clipneg.mining.config as config\n"
+        "assert hub.MINING_CONFIG_PREFIX is config.CONFIG_PREFIX\n"
+        "print(sorted(name for name in ('torch', 'hf_clipneg.mining.rule', 'hf_clipneg.mining.miner') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_load_mined_dataset_needs_a_mining_config(hub):

@@ -277,6 +277,8 @@ def test_gather_is_a_no_op_without_distributed():
 
 
 # --- properties -------------------------------------------------------------------------------------------------
+# Each holds for arbitrary batches: float32 and float64, with or without extra positives, masked and zero-weight
+# (padding) mined texts. In float64 the tolerances are those of exact arithmetic up to rounding.
 
 _cases = st.fixed_dictionaries(
     {
@@ -285,20 +287,34 @@ _cases = st.fixed_dictionaries(
         "seed": st.integers(0, 2**31 - 1),
         "mask_rate": st.floats(0.0, 1.0),
         "log_scale": st.floats(-2.0, math.log(100.0)),
+        "double": st.booleans(),
+        "with_positives": st.booleans(),
     }
 )
 
 
-def _random_case(batch, dim, seed, mask_rate, log_scale):
+def _random_case(batch, dim, seed, mask_rate, log_scale, double, with_positives):
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, dim, generator=generator) * 10
-    texts = torch.randn(batch, dim, generator=generator) * 10
-    weights = torch.rand(batch, batch, generator=generator) * 3
+    dtype = torch.float64 if double else torch.float32
+    images = torch.randn(batch, dim, generator=generator, dtype=dtype) * 10
+    texts = torch.randn(batch, dim, generator=generator, dtype=dtype) * 10
+    weights = torch.rand(batch, batch, generator=generator, dtype=dtype) * 3
     weights[torch.rand(batch, batch, generator=generator) < mask_rate] = 0.0
-    positives = torch.eye(batch) + (torch.rand(batch, batch, generator=generator) < 0.2).float()
-    mined = torch.randn(batch, 2, dim, generator=generator)
-    mined_weights = torch.rand(batch, 2, generator=generator) * 3
-    return images, texts, weights, positives, mined, mined_weights, torch.tensor(log_scale)
+    positives = torch.eye(batch, dtype=dtype) + (torch.rand(batch, batch, generator=generator) < 0.2).to(dtype)
+    mined = torch.randn(batch, 2, dim, generator=generator, dtype=dtype)
+    mined_weights = torch.rand(batch, 2, generator=generator, dtype=dtype) * 3
+    mined_weights[torch.rand(batch, 2, generator=generator) < 0.5] = 0.0  # padding
+    scale = torch.tensor(log_scale, dtype=dtype)
+    return images, texts, weights, positives if with_positives else None, mined, mined_weights, scale
+
+
+def _float64_logits(case):
+    """Raw float64 in-batch and mined logits of the case's size at its logit scale (up to 100): the loss
+    function itself, on logits no cosine bounds, in exact arithmetic up to float64 rounding."""
+    generator = torch.Generator().manual_seed(case["seed"])
+    scale, batch = math.exp(case["log_scale"]), case["batch"]
+    return (scale * torch.randn(batch, batch, generator=generator, dtype=torch.float64),
+            scale * torch.randn(batch, 2, generator=generator, dtype=torch.float64))
 
 
 @settings(max_examples=60, deadline=None)
@@ -310,9 +326,15 @@ def test_property_finite_loss_and_gradients(case):
     mined.requires_grad_()
     loss = WeightedContrastiveLoss()(images, texts, scale, weights, positives, mined, mined_weights)
     loss.backward()
-    assert torch.isfinite(loss) and loss >= -1e-5
+    assert torch.isfinite(loss) and loss >= -1e-5  # the positive is always in each denominator
     for tensor in (images, texts, mined):
         assert torch.isfinite(tensor.grad).all()
+    if case["double"]:
+        logits, mined_logits = (t.requires_grad_() for t in _float64_logits(case))
+        exact = weighted_contrastive_loss(logits, weights, positives, mined_logits, mined_weights)
+        exact.backward()
+        assert torch.isfinite(exact) and exact >= -1e-9
+        assert torch.isfinite(logits.grad).all() and torch.isfinite(mined_logits.grad).all()
 
 
 @settings(max_examples=60, deadline=None)
@@ -321,8 +343,16 @@ def test_property_symmetric_under_swapping_modalities(case):
     images, texts, weights, positives, _, _, scale = _random_case(**case)
     loss_fn = WeightedContrastiveLoss()
     forward = loss_fn(images, texts, scale, weights, positives)
-    swapped = loss_fn(texts, images, scale, weights.T, positives.T)
+    swapped = loss_fn(texts, images, scale, weights.T.contiguous(), None if positives is None else positives.T.contiguous())
     assert abs(forward.item() - swapped.item()) <= 1e-5 * max(1.0, abs(forward.item()))
+    if case["double"]:
+        logits, _ = _float64_logits(case)
+        transposed = None if positives is None else positives.T.contiguous()
+        torch.testing.assert_close(
+            weighted_contrastive_loss(logits, weights, positives),
+            weighted_contrastive_loss(logits.T.contiguous(), weights.T.contiguous(), transposed),
+            rtol=1e-10, atol=1e-10,
+        )
 
 
 @settings(max_examples=60, deadline=None)
@@ -330,9 +360,12 @@ def test_property_symmetric_under_swapping_modalities(case):
 def test_property_masked_pairs_get_zero_gradient(case):
     images, texts, weights, positives, mined, mined_weights, scale = _random_case(**case)
     logits = ((F.normalize(images, dim=-1) @ F.normalize(texts, dim=-1).T) * scale.exp()).requires_grad_()
-    mined_logits = torch.randn(mined_weights.shape).requires_grad_()
+    mined_logits = torch.randn(mined_weights.shape, dtype=logits.dtype).requires_grad_()
     mined_weights[:, 0] = 0.0
     weighted_contrastive_loss(logits, weights, positives, mined_logits, mined_weights).backward()
-    masked = (weights == 0) & (positives == 0)
+    off_diagonal = ~torch.eye(logits.shape[0], dtype=torch.bool)
+    masked = (weights == 0) & (off_diagonal if positives is None else positives == 0)
     assert (logits.grad[masked] == 0).all()
     assert (mined_logits.grad[:, 0] == 0).all()
+    assert (mined_logits.grad[mined_weights == 0] == 0).all()
+    assert torch.isfinite(logits.grad).all()

@@ -362,6 +362,73 @@ def test_pair_cosine_evidence_resolves_thresholds_from_quantile():
         assert not ((image_cos > config.image_cosine_threshold) & (text_cos > config.text_cosine_threshold)).any()
 
 
+def test_clusters_are_computed_only_when_the_rule_or_an_option_asks_for_them():
+    assert not MiningConfig().needs_image_clusters() and not MiningConfig().clusters_texts()
+    for strategy in NegativeStrategy:  # no strategy reads clusters by itself: the evidence does
+        assert not MiningConfig(strategy=strategy, evidence="pair_cosine").needs_image_clusters()
+    assert not MiningConfig(evidence="group", group_column="g").needs_image_clusters()
+    for asks in (dict(evidence="image_cluster"), dict(evidence="image_and_text_cluster"), dict(sampling="lowest"),
+                 dict(cluster_images=True), dict(n_image_clusters=3)):
+        assert MiningConfig(**asks).needs_image_clusters(), asks
+    assert MiningConfig(evidence="image_and_text_cluster", cluster_text=False).clusters_texts()
+    assert MiningConfig(n_text_clusters=3).clusters_texts() and not MiningConfig(cluster_images=True, cluster_text=False).clusters_texts()
+
+
+def test_default_rule_skips_kmeans_and_writes_one_placeholder_cluster(monkeypatch, caplog):
+    x, _ = blob_features()
+    x[[3, 77]] = np.nan  # skipped rows keep -1
+    ds = Dataset.from_dict({"image_features": x, "text_features": x, "caption": [f"c{i % 30}" for i in range(len(x))]})
+
+    def no_kmeans(*args, **kwargs):
+        raise AssertionError("k-means ran although the rule reads no clusters")
+
+    monkeypatch.setattr("hf_clipneg.mining.clusters.cluster_features", no_kmeans)
+    with caplog.at_level("INFO", logger="hf_clipneg.mining.miner"):
+        mined, stats = mine_negatives(ds, MiningConfig(negatives_per_row=3))
+    assert "Skipping the image k-means: evidence=pair_cosine" in caplog.text
+    clusters = np.array(mined["image_cluster"])
+    assert (clusters[[3, 77]] == -1).all() and (np.delete(clusters, [3, 77]) == 0).all()
+    assert mined["similar_image_clusters"][0] == [0] and mined["similar_image_clusters"][3] == []
+    assert "text_cluster" not in mined.column_names and "similar_text_clusters" not in mined.column_names
+    assert stats.n_image_clusters == 0 and stats.n_text_clusters is None and stats.evidence_flagged_fraction >= 0
+    assert MiningConfig.from_dataset(mined).n_image_clusters is None
+    negatives = np.array(mined["negative_indices"])
+    assert (negatives[0] >= 0).all() and not np.isin(negatives, [3, 77]).any()
+
+    monkeypatch.undo()
+    clustered, stats = mine_negatives(ds, MiningConfig(negatives_per_row=3, cluster_images=True))
+    assert stats.n_image_clusters == default_n_clusters(118) and stats.n_text_clusters == default_n_clusters(118)
+    assert len(set(clustered["image_cluster"]) - {-1}) > 1 and "text_cluster" in clustered.column_names
+
+
+def test_training_with_a_cluster_sampler_asks_mining_for_image_clusters():
+    from types import SimpleNamespace
+
+    from hf_clipneg.pipeline import _with_sampler_clusters
+
+    crowded = SimpleNamespace(train_sampler="crowded", sampler_group_column="image_cluster")
+    assert _with_sampler_clusters(MiningConfig(), crowded).cluster_images
+    assert not _with_sampler_clusters(MiningConfig(), SimpleNamespace(train_sampler="random")).cluster_images
+    own_column = SimpleNamespace(train_sampler="cluster_spread", sampler_group_column="product_id")
+    assert not _with_sampler_clusters(MiningConfig(), own_column).cluster_images
+
+
+def test_every_public_name_of_the_mining_package_resolves():
+    import hf_clipneg.mining as mining
+
+    assert {"MiningConfig", "NegativeMiner", "MiningStats", "mine_negatives", "pair_weights", "group_codes"} <= set(mining.__all__)
+    for name in mining.__all__:
+        assert getattr(mining, name) is not None, name
+
+
+def test_mining_and_retrieval_metrics_agree_on_what_the_same_caption_is():
+    from hf_clipneg.metrics import groups_from_captions
+    from hf_clipneg.mining.arrays import caption_codes
+
+    captions = ["A red  circle", "a red circle\n", "STRASSE", "straße", "a blue square", " a Blue Square"]
+    assert caption_codes(captions, len(captions)).tolist() == groups_from_captions(captions).tolist() == [0, 0, 1, 1, 2, 2]
+
+
 # ---------------------------------------------------------------- bad input and edge cases
 
 

@@ -26,11 +26,13 @@ from typing import Any
 
 from ._citations import TAGAMI_2024
 
+from .mining.config import CONFIG_PREFIX
+
 logger = logging.getLogger(__name__)
 
-# Same literal as `hf_clipneg.mining.CONFIG_PREFIX` (not imported: mining pulls in torch); one line of
-# ``info.description`` starting with it holds the config JSON that `MiningConfig.from_dataset` reads.
-MINING_CONFIG_PREFIX = "hf_clipneg.mining_config="
+#: Public alias of `hf_clipneg.mining.config.CONFIG_PREFIX`: one line of ``info.description`` starting with it
+#: holds the config JSON that `MiningConfig.from_dataset` reads.
+MINING_CONFIG_PREFIX = CONFIG_PREFIX
 
 MINING_CONFIG_FILENAME = "mining_config.json"
 CARD_TAGS = ["hf-clipneg", "clip", "image-text-retrieval"]

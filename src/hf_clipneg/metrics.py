@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._captions import normalise_caption
 from ._matrices import as_float_matrix, l2_normalise
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,6 @@ TIE_TOLERANCE = 1e-6
 
 #: Folder of the local `evaluate` module (loadable offline with `evaluate.load(RETRIEVAL_METRIC_PATH)`).
 RETRIEVAL_METRIC_PATH = str(Path(__file__).resolve().parent / "retrieval_metric")
-
-_WHITESPACE = re.compile(r"\s+")
 
 __all__ = [
     "RETRIEVAL_METRIC_PATH",
@@ -68,7 +66,7 @@ def groups_from_captions(captions: Iterable[str], normalise: bool = True) -> np.
     for row, caption in enumerate(captions):
         if not isinstance(caption, str):
             raise TypeError(f"Caption row {row} is a {type(caption).__name__}, not a string; fix or drop that row.")
-        key = _WHITESPACE.sub(" ", caption).strip().casefold() if normalise else caption
+        key = normalise_caption(caption) if normalise else caption
         if not key.strip():
             raise ValueError(f"Caption row {row} is empty; fix or drop that row before computing retrieval metrics.")
         groups.append(ids.setdefault(key, len(ids)))

@@ -3,6 +3,7 @@ and the data, mining when needed, and training with `ClipNegTrainer`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -55,8 +56,6 @@ class ColumnArguments:
 
 def canonical_columns(config: Any) -> Any:
     """`config` (a MiningConfig) with its column names set to the canonical ones `load_data` produces."""
-    import dataclasses
-
     group = "group" if config.group_column else None
     return dataclasses.replace(config, image_column="image", caption_column="caption", group_column=group)
 
@@ -233,8 +232,6 @@ def read_mining_config(path: str) -> tuple[Any, set[str]]:
         raise ConfigTypeError(f"The mining config file {path!r} is not valid JSON: {err}.") from err
     if not isinstance(values, dict):
         raise ConfigTypeError(f"The mining config file {path!r} must hold a JSON object of MiningConfig fields.")
-    import dataclasses
-
     known = {f.name for f in dataclasses.fields(MiningConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -248,6 +245,18 @@ def read_mining_config(path: str) -> tuple[Any, set[str]]:
 def is_mined(dataset: Dataset) -> bool:
     """Whether `dataset` already carries the columns the mining step writes."""
     return "image_cluster" in dataset.column_names and "row_id" in dataset.column_names
+
+
+def _with_sampler_clusters(mining_config: Any, training_args: Any) -> Any:
+    """`mining_config`, asking for image k-means when the training sampler groups batches by ``image_cluster``
+    and the rule itself needs no clusters (mining would then write one placeholder cluster)."""
+    sampler = getattr(training_args, "train_sampler", "random")
+    if sampler == "random" or getattr(training_args, "sampler_group_column", None) != "image_cluster":
+        return mining_config
+    if mining_config.needs_image_clusters():
+        return mining_config
+    logger.info("train_sampler=%r groups batches by image_cluster: mining runs the image k-means for it.", sampler)
+    return dataclasses.replace(mining_config, cluster_images=True)
 
 
 def train(
@@ -266,7 +275,6 @@ def train(
     evaluation data). The final model is written to a temporary folder first and moved into `output_dir`
     only once complete, so a failed save leaves an earlier model there loadable.
     """
-    import dataclasses
     import shutil
 
     from transformers import set_seed
@@ -327,6 +335,7 @@ def train(
     mining_config = canonical_columns(mining_config)
     strategy = training_args.negative_strategy or mining_config.strategy
     if not is_mined(train_set) and strategy is not NegativeStrategy.VANILLA:
+        mining_config = _with_sampler_clusters(mining_config, training_args)
         train_set, _ = mine_negatives(  # mine_negatives logs the statistics once
             train_set, mining_config, model=model, processor=processor,
             batch_size=training_args.per_device_eval_batch_size, on_bad_image=data_args.on_bad_image,

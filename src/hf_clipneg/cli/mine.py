@@ -44,7 +44,7 @@ def cmd_mine(argv: list[str]) -> int:
     model, processor = load_model(model_args)
     config = canonical_columns(config)
     # The statistics are this command's result: printed once below, not also logged by mine_negatives.
-    with without_log_messages("hf_clipneg.mining", "Mining statistics:"):
+    with without_log_messages("hf_clipneg.mining.mine", "Mining statistics:"):
         mined, stats = mine_negatives(
             pairs, config, model=model, processor=processor, batch_size=mine_args.batch_size,
             on_bad_image=data_args.on_bad_image,

@@ -7,6 +7,8 @@ from enum import Enum
 
 from transformers import TrainingArguments
 
+from ..mining.config import NegativeStrategy
+
 
 class TowerTraining(str, Enum):
     """Which tower parameters train: none (`frozen`: only projections and logit scale), the last
@@ -120,8 +122,6 @@ class ClipNegTrainingArguments(TrainingArguments):
         return state
 
     def __post_init__(self) -> None:
-        from ..mining import NegativeStrategy
-
         if self.negative_strategy is not None and not isinstance(self.negative_strategy, NegativeStrategy):
             self.negative_strategy = NegativeStrategy(self.negative_strategy)
         if not isinstance(self.tower_training, TowerTraining):
