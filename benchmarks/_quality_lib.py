@@ -343,7 +343,7 @@ def choose_default(deltas: Mapping[str, tuple[float, float]], order: Sequence[st
         ...                ["vanilla", "default", "paper"])[0]
         'default'
         >>> choose_default({"paper": (0.4, 0.5)}, ["vanilla", "paper"])
-        ('vanilla', 'no rule beats vanilla on validation by more than its paired std (best: paper +0.4 ± 0.5)')
+        ('vanilla', 'no rule beats vanilla on validation by more than its paired std; best: paper +0.4 ± 0.5')
     """
     if not order:
         raise ValueError("order must list at least the simplest (vanilla-equivalent) rule.")
@@ -360,7 +360,7 @@ def choose_default(deltas: Mapping[str, tuple[float, float]], order: Sequence[st
                and np.isfinite(deltas[name][1])]
     if not winners:
         finite = [name for name in candidates if np.isfinite(deltas[name][0])]
-        best = f" (best: {shown(max(finite, key=lambda n: deltas[n][0]))})" if finite else ""
+        best = f"; best: {shown(max(finite, key=lambda n: deltas[n][0]))}" if finite else ""
         return order[0], f"no rule beats vanilla on validation by more than its paired std{best}"
     choice = winners[0]
     for name in winners[1:]:
