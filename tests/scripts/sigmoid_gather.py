@@ -42,18 +42,17 @@ def sigmoid_loss_and_grads(model: nn.Module, loss_fn: nn.Module, case: dict, row
 def main(output_dir: str) -> None:
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    accelerator = Accelerator(cpu=True)  # DDP over gloo on CPU
+    world = accelerator.num_processes
     if world != 2:
         raise SystemExit(f"expected 2 processes, got {world}")
-    model = accelerator.prepare(TinyDualEncoder())
-    loss_fn = make_loss()
+    rank, model, loss_fn = accelerator.process_index, accelerator.prepare(TinyDualEncoder()), make_loss()
     results = {"rank": rank, "wrapper": type(model).__name__, "cases": {}}
     for case in make_cases():
-        start = sum(case["sizes"][:rank])
-        rows = slice(start, start + case["sizes"][rank])
-        mined_count = case["local_mined_counts"][rank] if "local_mined_counts" in case else None
-        loss, grads = sigmoid_loss_and_grads(model, loss_fn, case, rows, mined_count, backward=accelerator.backward)
+        # this process's contiguous share of the rows, and of the mined columns (fewer on rank 1: padding)
+        first = sum(case["sizes"][:rank])
+        share = (slice(first, first + case["sizes"][rank]), case.get("local_mined_counts", [None] * world)[rank])
+        loss, grads = sigmoid_loss_and_grads(model, loss_fn, case, *share, backward=accelerator.backward)
         results["cases"][case["name"]] = {"loss": loss, "grads": grads}
     # negative control: without gathering, each process only compares its own share
     vanilla = make_cases()[0]
