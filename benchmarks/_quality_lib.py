@@ -315,3 +315,60 @@ def oracle_share(delta: float, oracle_delta: tuple[float, float]) -> float | Non
     if gain <= 0 or gain <= std:
         return None
     return delta / gain
+
+
+def _clearly_above(value: float, other: float, margin: float) -> bool:
+    """`value - other > margin`, where a difference within float noise (1e-9 relative) never counts."""
+    noise = 1e-9 * max(1.0, abs(value), abs(other))
+    return value - other > margin + noise
+
+
+def choose_default(deltas: Mapping[str, tuple[float, float]], order: Sequence[str]) -> tuple[str, str]:
+    """The rule to make the default, chosen on validation only, and why: `(name, reason)`.
+
+    `deltas[name] = (mean, std)` of a candidate rule's paired gain over vanilla on validation (same seeds);
+    `order` lists the rules from the simplest (closest to vanilla, `order[0]`, the fallback) to the most complex.
+    A rule wins against vanilla only if its mean gain is positive and exceeds its own paired std. Among the
+    winners, taken from the simplest, a more complex one replaces the current choice only if its mean is higher
+    by more than the larger of the two stds: a gap within either std, or within float noise, is a tie and goes to
+    the simpler rule. With no winner the default is `order[0]`. A NaN mean or std never wins.
+
+    Raises:
+        ValueError: an empty `order`, or a name in `deltas` that `order` does not list.
+
+    Example:
+        >>> choose_default({"default": (0.5, 0.8), "paper": (2.0, 0.5)}, ["vanilla", "default", "paper"])[0]
+        'paper'
+        >>> choose_default({"default": (0.025000000000000799, 0.0), "paper": (0.024999999999999467, 0.0)},
+        ...                ["vanilla", "default", "paper"])[0]
+        'default'
+        >>> choose_default({"paper": (0.4, 0.5)}, ["vanilla", "paper"])
+        ('vanilla', 'no rule beats vanilla on validation by more than its paired std; best: paper +0.4 ± 0.5')
+    """
+    if not order:
+        raise ValueError("order must list at least the simplest (vanilla-equivalent) rule.")
+    unknown = [name for name in deltas if name not in order]
+    if unknown:
+        raise ValueError(f"deltas has rule(s) {unknown} that order {list(order)} does not list.")
+
+    def shown(name: str) -> str:
+        mean, std = deltas[name]
+        return f"{name} {mean:+.3g} ± {std:.3g}"
+
+    candidates = [name for name in order[1:] if name in deltas]
+    winners = [name for name in candidates if _clearly_above(deltas[name][0], 0.0, max(deltas[name][1], 0.0))
+               and np.isfinite(deltas[name][1])]
+    if not winners:
+        finite = [name for name in candidates if np.isfinite(deltas[name][0])]
+        best = f"; best: {shown(max(finite, key=lambda n: deltas[n][0]))}" if finite else ""
+        return order[0], f"no rule beats vanilla on validation by more than its paired std{best}"
+    choice = winners[0]
+    for name in winners[1:]:
+        if _clearly_above(deltas[name][0], deltas[choice][0], max(deltas[name][1], deltas[choice][1])):
+            choice = name
+    ties = [name for name in winners if name != choice
+            and not _clearly_above(deltas[choice][0], deltas[name][0], max(deltas[name][1], deltas[choice][1]))]
+    reason = f"{shown(choice)} over vanilla on validation, more than its paired std"
+    if ties:
+        reason += f"; ties within std or float noise with {', '.join(shown(name) for name in ties)}: the simpler rule wins"
+    return choice, reason

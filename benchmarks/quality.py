@@ -118,6 +118,9 @@ LABELS = {
     "oracle": "oracle (mask same category)",
 }
 PROTOCOLS = {"cat": Q.CATEGORY, "inst": None}  # name -> retrieval_group_column
+#: The label-free rules the default is chosen among, simplest (vanilla-equivalent) first: not `random` (the paper's
+#: control) nor `oracle` (it reads the labels).
+DEFAULT_CANDIDATES = ("vanilla", "default", "cluster", "cluster_weighted")
 MEASURE_BATCHES = 40
 
 
@@ -651,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     report["timings"]["measure_s"] = time.perf_counter() - t0
 
     report["summary"] = summarise(runs, list(ctx["regimes"]), args.strategy_list, has_category)
+    report["default_choice"] = choose_defaults(report["summary"], has_category)
     if pooling_runs:
         base = [x for x in runs if x["regime"] == pool_regime and x["strategy"] == "vanilla"]
         report["pooling"] = {poolings[0]: summarise_split(base, "validation")}
@@ -706,15 +710,30 @@ def summarise(runs: list[dict], regimes: list[str], strategies: list[str], has_c
                 continue
             entry = {"seeds": [x["seed"] for x in mine], "steps": mine[0]["steps"],
                      "test": summarise_split(mine, "test"), "validation": summarise_split(mine, "validation"),
-                     "delta": {}, "seconds": float(np.sum([x["seconds"] for x in mine]))}
-            for proto in mine[0]["evals"]["test"]:
-                entry["delta"][proto] = Q.paired_delta([x["evals"]["test"][proto]["t2i_R@1"] for x in mine],
-                                                       [x["evals"]["test"][proto]["t2i_R@1"] for x in base])
+                     "seconds": float(np.sum([x["seconds"] for x in mine]))}
+            for split, key in (("test", "delta"), ("validation", "validation_delta")):
+                entry[key] = {proto: Q.paired_delta([x["evals"][split][proto]["t2i_R@1"] for x in mine],
+                                                    [x["evals"][split][proto]["t2i_R@1"] for x in base])
+                              for proto in mine[0]["evals"][split]}
             out[r][st] = entry
         if "oracle" in out[r] and has_category:
             oracle = out[r]["oracle"]["delta"]["cat"]
             for st, entry in out[r].items():
                 entry["oracle_share"] = Q.oracle_share(entry["delta"]["cat"][0], oracle)
+    return out
+
+
+def choose_defaults(summary: dict[str, Any], has_category: bool) -> dict[str, dict[str, str]]:
+    """Per regime, the label-free rule `Q.choose_default` picks from the validation R@1 deltas (category protocol,
+    or instance without categories); regimes summarised before validation deltas were stored are left out."""
+    proto = "cat" if has_category else "inst"
+    out = {}
+    for r, entries in summary.items():
+        deltas = {st: tuple(entries[st]["validation_delta"][proto]) for st in DEFAULT_CANDIDATES[1:]
+                  if "validation_delta" in entries.get(st, {})}
+        if any("validation_delta" in entry for entry in entries.values()):
+            rule, reason = Q.choose_default(deltas, DEFAULT_CANDIDATES)
+            out[r] = {"rule": rule, "reason": reason}
     return out
 
 
@@ -839,6 +858,13 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
                 d = "" if st == "vanilla" else _delta(e["delta"][proto]) + (f" ({_share(share)})" if share is not None else "")
                 cells += [_pm(e["test"][proto]["t2i_R@1"]), d]
             lines.append(f"| {label[st]} | " + " | ".join(cells) + " |")
+    choices = choose_defaults(summary, has_category)
+    if choices:
+        lines += ["", "## Default chosen on validation", "",
+                  f"Among the label-free rules {', '.join(DEFAULT_CANDIDATES)} (simplest first), on the validation "
+                  f"{'category' if has_category else 'instance'} t→i R@1 Δ paired with vanilla: a rule must beat vanilla "
+                  "by more than its paired std; ties within std or float noise go to the simpler rule.", ""]
+        lines += [f"- `{r}`: default chosen on validation: {c['rule']} ({c['reason']})" for r, c in choices.items()]
     for r in regimes:
         g = report["regimes"][r]
         lines += ["", f"### Regime `{r}`: test, {g['steps']} steps, {s['seeds']} seeds", "",

@@ -11,30 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._citations import TAGAMI_2024
-from .gather import gather_features, world_size_and_rank
+from .loss_inputs import as_float_weights, check_positive_weights, check_weights, pair_batch
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["WeightedContrastiveLoss", "weighted_contrastive_loss"]
-
-
-def _as_float(name: str, value: Tensor, like: Tensor) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}.")
-    if value.is_complex():
-        raise TypeError(f"{name} must be real-valued, got dtype {value.dtype}.")
-    return value.to(device=like.device, dtype=like.dtype)
-
-
-def _check_weights(name: str, weights: Tensor, shape: tuple[int, ...], hint: str = "") -> None:
-    if tuple(weights.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(weights.shape)}, expected {shape}.{hint}")
-    if not torch.isfinite(weights).all():
-        bad = torch.nonzero(~torch.isfinite(weights))[0].tolist()
-        raise ValueError(f"{name} contains NaN or inf (first at index {bad}); weights must be finite and >= 0.")
-    if (weights < 0).any():
-        bad = torch.nonzero(weights < 0)[0].tolist()
-        raise ValueError(f"{name} contains negative values (first at index {bad}); weights must be >= 0.")
 
 
 def _log_weights(weights: Tensor) -> Tensor:
@@ -89,14 +70,7 @@ def weighted_contrastive_loss(
     if positive_weights is None:
         targets = torch.eye(batch, device=logits.device, dtype=logits.dtype)
     else:
-        targets = _as_float("positive_weights", positive_weights, logits)
-        _check_weights("positive_weights", targets, shape)
-        if not (targets.diagonal() > 0).all():
-            row = int(torch.nonzero(targets.diagonal() <= 0)[0])
-            raise ValueError(
-                f"positive_weights[{row}, {row}] must be > 0: every image's own text is a positive "
-                "(put 1 on the diagonal and the extra positives elsewhere)."
-            )
+        targets = check_positive_weights(positive_weights, logits)
 
     if negative_weights is None and positive_weights is None:
         candidate_logits = logits
@@ -104,8 +78,8 @@ def weighted_contrastive_loss(
         if negative_weights is None:
             allowed = torch.ones_like(logits)
         else:
-            allowed = _as_float("negative_weights", negative_weights, logits)
-            _check_weights("negative_weights", allowed, shape)
+            allowed = as_float_weights("negative_weights", negative_weights, logits)
+            check_weights("negative_weights", allowed, shape)
         allowed = torch.where(targets > 0, torch.ones_like(allowed), allowed)
         candidate_logits = logits + _log_weights(allowed)
 
@@ -116,8 +90,8 @@ def weighted_contrastive_loss(
         if mined.dim() != 2 or mined.shape[0] != batch:
             raise ValueError(f"mined_logits must have shape ({batch}, m), got {tuple(mined.shape)}.")
         if mined_weights is not None:
-            mined_w = _as_float("mined_weights", mined_weights, mined)
-            _check_weights("mined_weights", mined_w, tuple(mined.shape))
+            mined_w = as_float_weights("mined_weights", mined_weights, mined)
+            check_weights("mined_weights", mined_w, tuple(mined.shape))
             mined = mined + _log_weights(mined_w)
         image_candidates = torch.cat([candidate_logits, mined], dim=1)
     elif mined_weights is not None:
@@ -246,60 +220,11 @@ class WeightedContrastiveLoss(nn.Module):
         mined_text_embeds: Tensor | None = None,
         mined_text_weights: Tensor | None = None,
     ) -> Tensor:
-        if image_embeds.dim() != 2 or text_embeds.dim() != 2:
-            raise ValueError(
-                f"image_embeds and text_embeds must be (batch, dim), got {tuple(image_embeds.shape)} and "
-                f"{tuple(text_embeds.shape)}."
-            )
-        if image_embeds.shape != text_embeds.shape:
-            raise ValueError(
-                f"image_embeds {tuple(image_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} must have "
-                "the same shape: one paired text per image."
-            )
-        local_batch, dim = image_embeds.shape
-        if mined_text_embeds is not None:
-            if mined_text_embeds.dim() != 3 or mined_text_embeds.shape[0] != local_batch or (
-                mined_text_embeds.shape[2] != dim
-            ):
-                raise ValueError(
-                    f"mined_text_embeds must have shape ({local_batch}, m, {dim}), got "
-                    f"{tuple(mined_text_embeds.shape)}."
-                )
-            if mined_text_weights is None:
-                mined_text_weights = mined_text_embeds.new_ones(mined_text_embeds.shape[:2])
-            elif tuple(mined_text_weights.shape) != tuple(mined_text_embeds.shape[:2]):
-                raise ValueError(
-                    f"mined_text_weights must have shape {tuple(mined_text_embeds.shape[:2])} to match "
-                    f"mined_text_embeds, got {tuple(mined_text_weights.shape)}."
-                )
-        elif mined_text_weights is not None:
-            raise ValueError("mined_text_weights was given without mined_text_embeds.")
-
-        world_size, _ = world_size_and_rank()
-        gathering = self.gather_across_processes and world_size > 1
-        if gathering:
-            image_embeds, text_embeds = gather_features(image_embeds, text_embeds)
-            if mined_text_embeds is not None:
-                # processes may have mined a different number of texts: zero-pad (weight 0) to the largest
-                mined_text_embeds, mined_text_weights = gather_features(
-                    mined_text_embeds, mined_text_weights.to(mined_text_embeds.dtype), pad_trailing_dims=True
-                )
-        batch = image_embeds.shape[0]
-        for name, weights in (("negative_weights", negative_weights), ("positive_weights", positive_weights)):
-            if weights is not None and tuple(weights.shape) != (batch, batch):
-                hint = (
-                    f" This process has {local_batch} examples and contrasts against the global batch of {batch} "
-                    f"gathered from {world_size} processes, so {name} must be the GLOBAL matrix in rank order "
-                    "(gather the per-example metadata with hf_clipneg.losses.gather_metadata and build it from "
-                    "that), or construct the loss with gather_across_processes=False."
-                    if gathering
-                    else ""
-                )
-                raise ValueError(f"{name} has shape {tuple(weights.shape)}, expected ({batch}, {batch}).{hint}")
-
-        # Normalise and compare in float32: half-precision logsumexp over a large batch loses the loss signal.
-        images = F.normalize(image_embeds.float(), dim=-1)
-        texts = F.normalize(text_embeds.float(), dim=-1)
+        inputs = pair_batch(
+            image_embeds, text_embeds, negative_weights, positive_weights, mined_text_embeds, mined_text_weights,
+            gather_across_processes=self.gather_across_processes,
+        )
+        images, texts = inputs.images, inputs.texts
         if not isinstance(logit_scale, Tensor):
             logit_scale = torch.tensor(float(logit_scale))
         scale = logit_scale.float().to(images.device).exp()
@@ -309,14 +234,13 @@ class WeightedContrastiveLoss(nn.Module):
         logits_per_image = ((texts @ images.T) * scale).T
 
         mined_logits = None
-        if mined_text_embeds is not None:
-            mined = F.normalize(mined_text_embeds.float(), dim=-1)
-            mined_logits = scale * torch.einsum("bd,bmd->bm", images, mined)
+        if inputs.mined_texts is not None:
+            mined_logits = scale * torch.einsum("bd,bmd->bm", images, inputs.mined_texts)
 
         return weighted_contrastive_loss(
             logits_per_image,
             negative_weights=negative_weights,
             positive_weights=positive_weights,
             mined_logits=mined_logits,
-            mined_weights=mined_text_weights,
+            mined_weights=inputs.mined_weights,
         )
