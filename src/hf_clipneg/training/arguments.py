@@ -47,6 +47,15 @@ class ClipNegTrainingArguments(TrainingArguments):
             "retrieval gain in this project's study."
         },
     )
+    contrastive_loss: str = field(
+        default="infonce",
+        metadata={
+            "help": "infonce: symmetric InfoNCE (CLIP, WeightedContrastiveLoss). sigmoid: pairwise sigmoid loss "
+            "(SigLIP, SigmoidContrastiveLoss: a learnable bias, SigLIP's initial logit scale log 10 and bias -10). "
+            "Both take the rule's negative weights and positives.",
+            "choices": ["infonce", "sigmoid"],
+        },
+    )
     gather_across_processes: bool = field(
         default=True, metadata={"help": "Contrast against the global batch of all processes (open_clip style)."}
     )
@@ -138,6 +147,8 @@ class ClipNegTrainingArguments(TrainingArguments):
             raise ValueError(f"train_sampler must be random, cluster_spread or crowded, got {self.train_sampler!r}.")
         if not 0.0 < self.crowded_share <= 1.0:
             raise ValueError(f"crowded_share must be in (0, 1], got {self.crowded_share}.")
+        if self.contrastive_loss not in ("infonce", "sigmoid"):
+            raise ValueError(f"contrastive_loss must be 'infonce' or 'sigmoid', got {self.contrastive_loss!r}.")
         if self.max_logit_scale <= 1.0:
             raise ValueError(f"max_logit_scale must be > 1, got {self.max_logit_scale}.")
         if self.max_text_length is not None and self.max_text_length < 2:

@@ -1,4 +1,5 @@
-"""Which tower weights train: freezing by tower-training mode, and the logit-scale cap."""
+"""Which weights train and how they are kept in bounds: freezing by tower-training mode, the logit-scale cap, and
+clearing the gradients of trained parameters outside the model."""
 
 from __future__ import annotations
 
@@ -69,3 +70,14 @@ class LogitScaleCap(TrainerCallback):
         if isinstance(scale, torch.Tensor):
             with torch.no_grad():
                 scale.clamp_(max=self.max_log_scale)
+
+
+class ZeroGradAfterStep(TrainerCallback):
+    """Clear the gradients of `module` after every optimiser step, as Trainer does for the model's own: for
+    parameters outside the model that the optimiser trains (the sigmoid loss's bias)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.module.zero_grad(set_to_none=True)

@@ -13,12 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
+from safetensors.torch import load_file, save_file
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.trainer_utils import speed_metrics
 
 from ..data import without_image_decoding
 from ..encoding import DEFAULT_TEXT_MAX_LENGTH, as_clipneg_model, text_max_length
-from ..losses import WeightedContrastiveLoss, gather_metadata
+from ..losses import SIGLIP_INIT_LOGIT_SCALE, SigmoidContrastiveLoss, WeightedContrastiveLoss, gather_metadata
 from ..losses.tag_distillation import TagSelfDistillationLoss, ttd_loss_term
 from ..metrics import retrieval_metrics
 from ..mining import (
@@ -43,7 +45,7 @@ from .collator import (
     text_features_by_row_id,
 )
 from .evaluation import eval_groups, whole_set_clip_loss
-from .freezing import LogitScaleCap, set_tower_training
+from .freezing import LogitScaleCap, ZeroGradAfterStep, set_tower_training
 from .model_card import write_model_card
 from .rows import STRATEGIES_WITH_MINED_TEXTS, drop_skipped_rows, resolve_mining_config, with_training_metadata
 from .samplers import ClusterSpreadSampler, CrowdedBatchSampler
@@ -52,6 +54,8 @@ from .setup_checks import check_training_setup
 logger = logging.getLogger(__name__)
 
 TAG_BATCH_KEYS = ("tag_input_ids", "tag_attention_mask", "tag_mask")
+#: File in a checkpoint folder that holds the loss's own parameters (the sigmoid loss's bias).
+LOSS_STATE_FILE = "loss.safetensors"
 
 
 class ClipNegTrainer(Trainer):
@@ -95,7 +99,7 @@ class ClipNegTrainer(Trainer):
         eval_dataset: Any = None,
         processing_class: Any = None,
         mining_config: MiningConfig | None = None,
-        loss: WeightedContrastiveLoss | None = None,
+        loss: WeightedContrastiveLoss | SigmoidContrastiveLoss | None = None,
         data_collator: Any = None,
         ttd_loss: TagSelfDistillationLoss | None = None,
         **kwargs: Any,
@@ -181,9 +185,8 @@ class ClipNegTrainer(Trainer):
             data_collator=data_collator,
             **kwargs,
         )
-        self.loss_fn = loss if loss is not None else WeightedContrastiveLoss(
-            gather_across_processes=args.gather_across_processes
-        )
+        self.loss_fn = loss if loss is not None else self._default_loss(args)
+        self.loss_fn.to(self.args.device)
         self.ttd_loss = ttd_loss if ttd_loss is not None else TagSelfDistillationLoss(
             temperature=args.ttd_temperature, margin=args.ttd_margin
         )
@@ -194,6 +197,35 @@ class ClipNegTrainer(Trainer):
             "Negative strategy %s, towers %s%s: %d trainable parameters.", strategy.value, args.tower_training.value,
             " (training on cached tower features)" if self.cached_tower_features else "", trainable,
         )
+
+    def _default_loss(self, args: ClipNegTrainingArguments) -> WeightedContrastiveLoss | SigmoidContrastiveLoss:
+        if args.contrastive_loss == "infonce":
+            return WeightedContrastiveLoss(gather_across_processes=args.gather_across_processes)
+        scale = self.model.logit_scale
+        if math.isclose(float(scale.detach()), self.model.config.logit_scale_init_value, abs_tol=1e-6):
+            with torch.no_grad():  # an untrained scale starts where SigLIP starts it
+                scale.fill_(SIGLIP_INIT_LOGIT_SCALE)
+            logger.info("Sigmoid loss: logit scale initialised to SigLIP's log 10 (bias -10).")
+        return SigmoidContrastiveLoss(gather_across_processes=args.gather_across_processes)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> Any:
+        """`Trainer.create_optimizer`, plus the loss's own parameters (the sigmoid loss's bias), without weight
+        decay."""
+        optimizer = super().create_optimizer(model)
+        extra = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        if extra and not any(p is q for group in optimizer.param_groups for p in group["params"] for q in extra):
+            optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+            self.add_callback(ZeroGradAfterStep(self.loss_fn))  # Trainer zeroes only the model's gradients
+        return optimizer
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # The loss's parameters go into the checkpoint folder before Trainer writes trainer_state.json (last).
+        if any(True for _ in self.loss_fn.parameters()) and self.is_world_process_zero():
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.loss_fn.state_dict().items()},
+                      os.path.join(folder, LOSS_STATE_FILE))
+        super()._save_checkpoint(model, trial)
 
     def get_train_dataloader(self) -> DataLoader:
         """`Trainer.get_train_dataloader`, except that a last batch of a single row is dropped (with a note):
@@ -352,6 +384,9 @@ class ClipNegTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if not self._load_checkpoint_weights(resume_from_checkpoint, model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loss_state = os.path.join(resume_from_checkpoint, LOSS_STATE_FILE)
+        if os.path.isfile(loss_state):
+            self.loss_fn.load_state_dict(load_file(loss_state, device=str(self.args.device)))
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
