@@ -48,8 +48,10 @@ def run_demo(args: DemoArguments) -> list[dict[str, Any]]:
     renderings of one object are exactly the false negatives vanilla CLIP pushes apart.
 
     Example:
-        >>> rows = run_demo(DemoArguments(num_train=64, num_eval=32, strategies="vanilla", tiny_random_towers=True,
-        ...                               num_train_epochs=1, batch_size=16, output_dir="/tmp/hf_clipneg_demo_doc"))
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its training summary
+        ...     rows = run_demo(DemoArguments(num_train=64, num_eval=32, strategies="vanilla", tiny_random_towers=True,
+        ...                                   num_train_epochs=1, batch_size=16, output_dir="/tmp/hf_clipneg_demo_doc"))
         >>> rows[0]["strategy"], 0 <= rows[0]["t2i_R@1"] <= 100
         ('vanilla', True)
     """

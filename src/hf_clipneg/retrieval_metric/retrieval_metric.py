@@ -30,7 +30,8 @@ Returns:
     dict: t2i_R@K, t2i_median_rank, t2i_mean_rank, i2t_R@K, i2t_median_rank, i2t_mean_rank, mean_R@K.
 Examples:
     >>> import numpy as np
-    >>> metric = evaluate.load("retrieval_metric")
+    >>> from hf_clipneg.metrics import load_retrieval_metric
+    >>> metric = load_retrieval_metric()  # evaluate.load("/path/to/retrieval_metric"), offline
     >>> metric.compute(image_embeds=np.eye(3), text_embeds=np.eye(3), ks=[1])["t2i_R@1"]
     100.0
 """
