@@ -131,10 +131,11 @@ TRAINER_SCRIPT = Path(__file__).parent / "scripts" / "trainer_two_processes.py"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["cached", "towers"])
+@pytest.mark.parametrize("path", ["cached", "towers", "gradcache"])
 def test_trainer_on_two_processes_equals_one_process_on_the_global_batch(tmp_path, path):
     """`accelerate launch --multi_gpu --num_processes 2` with `use_cpu=True` really runs 2 CPU processes; 2 steps of
-    per-device batch 4 train the same projections as one process with batch 8 (the global-batch gather)."""
+    per-device batch 4 train the same projections as one process with batch 8 (the global-batch gather). With
+    `gradcache`, the 2 processes train the towers' last blocks in GradCache chunks of 3 rows under DDP."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("the accelerate CLI is not installed")
@@ -142,7 +143,7 @@ def test_trainer_on_two_processes_equals_one_process_on_the_global_batch(tmp_pat
     runs = {
         "two": [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-                str(TRAINER_SCRIPT), str(tmp_path), "two", path, "4"],
+                str(TRAINER_SCRIPT), str(tmp_path), "two", path, "4", *(["3"] if path == "gradcache" else [])],
         "one": [sys.executable, str(TRAINER_SCRIPT), str(tmp_path), "one", path, "8"],
     }
     for name, command in runs.items():

@@ -56,6 +56,15 @@ class ClipNegTrainingArguments(TrainingArguments):
             "choices": ["infonce", "sigmoid"],
         },
     )
+    mini_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "GradCache (Gao et al. 2021): embed each contrastive batch in chunks of this many rows without "
+            "gradients, compute the loss on the whole batch, then back-propagate chunk by chunk: the gradient of "
+            "the large batch with the activation memory of one chunk, for about one extra forward pass. None: one "
+            "pass. Not with the TTD term or fp16."
+        },
+    )
     gather_across_processes: bool = field(
         default=True, metadata={"help": "Contrast against the global batch of all processes (open_clip style)."}
     )
@@ -149,6 +158,17 @@ class ClipNegTrainingArguments(TrainingArguments):
             raise ValueError(f"crowded_share must be in (0, 1], got {self.crowded_share}.")
         if self.contrastive_loss not in ("infonce", "sigmoid"):
             raise ValueError(f"contrastive_loss must be 'infonce' or 'sigmoid', got {self.contrastive_loss!r}.")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1 or None, got {self.mini_batch_size}.")
+        if self.mini_batch_size is not None and self.ttd_weight > 0:
+            raise ValueError(
+                "mini_batch_size (GradCache) cannot be combined with the TTD term (ttd_weight > 0): TTD needs the "
+                "vision outputs of the whole batch. Leave one of them unset."
+            )
+        if self.mini_batch_size is not None and self.fp16:
+            raise ValueError(
+                "mini_batch_size (GradCache) does not support fp16 loss scaling; use bf16 or fp32 (bf16=True)."
+            )
         if self.max_logit_scale <= 1.0:
             raise ValueError(f"max_logit_scale must be > 1, got {self.max_logit_scale}.")
         if self.max_text_length is not None and self.max_text_length < 2:

@@ -46,6 +46,7 @@ from .collator import (
 )
 from .evaluation import eval_groups, whole_set_clip_loss
 from .freezing import LogitScaleCap, ZeroGradAfterStep, set_tower_training
+from .gradcache import BatchExtras, batch_rows, gradcache_step, split_batch
 from .model_card import write_model_card
 from .rows import STRATEGIES_WITH_MINED_TEXTS, drop_skipped_rows, resolve_mining_config, with_training_metadata
 from .samplers import ClusterSpreadSampler, CrowdedBatchSampler
@@ -53,7 +54,6 @@ from .setup_checks import check_training_setup
 
 logger = logging.getLogger(__name__)
 
-TAG_BATCH_KEYS = ("tag_input_ids", "tag_attention_mask", "tag_mask")
 #: File in a checkpoint folder that holds the loss's own parameters (the sigmoid loss's bias).
 LOSS_STATE_FILE = "loss.safetensors"
 
@@ -295,40 +295,62 @@ class ClipNegTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         for module in self._frozen_modules:  # frozen batch-norm statistics and dropout never change
             module.eval()
-        meta = {name: inputs.pop(name) for name in META_COLUMNS if name in inputs}
-        mined_weights = inputs.pop("negative_weights", None)
-        num_mined = int(inputs.pop("num_mined", 0))
-        tag_batch = {name: inputs.pop(name) for name in TAG_BATCH_KEYS if name in inputs}
-        outputs = model(**inputs, return_dict=True)
+        model_inputs, batch = split_batch(inputs)
+        outputs = model(**model_inputs, return_dict=True)
         image_embeds = outputs.image_embeds
+        text_embeds = outputs.text_embeds[: image_embeds.shape[0]]
+        loss = self.contrastive_loss(model, image_embeds, outputs.text_embeds, batch)
+        if self.args.ttd_weight > 0:
+            loss = loss + self.args.ttd_weight * ttd_loss_term(model, outputs, text_embeds, batch.tags, self.ttd_loss)
+        return (loss, outputs) if return_outputs else loss
+
+    def contrastive_loss(
+        self, model: nn.Module, image_embeds: torch.Tensor, text_embeds: torch.Tensor, batch: BatchExtras
+    ) -> torch.Tensor:
+        """The contrastive term of one batch: `self.loss_fn` with the rule's in-batch weights.
+
+        Args:
+            image_embeds: (B, d) image embeddings of this process's rows.
+            text_embeds: (B + B*m, d): the B captions, then the m mined texts of each row in row order.
+            batch: the batch's mining metadata and mined-text weights (`split_batch`).
+        """
         batch_size = image_embeds.shape[0]
-        text_embeds = outputs.text_embeds[:batch_size]
+        mined_weights = batch.mined_weights
         mined_text_embeds = None
-        if num_mined:
-            mined_text_embeds = outputs.text_embeds[batch_size:].reshape(batch_size, num_mined, -1)
+        if batch.num_mined:
+            mined_text_embeds = text_embeds[batch_size:].reshape(batch_size, batch.num_mined, -1)
             if self.mining_config.strategy is NegativeStrategy.CLUSTER:
                 mined_weights = (mined_weights > 0).to(image_embeds.dtype)
         negative_weights = positive_weights = None
-        global_meta = self._global_metadata(meta)
+        global_meta = self._global_metadata(batch.meta)
         if self.mining_config.strategy is not NegativeStrategy.VANILLA:
             negative_weights, positive_weights = pair_weights(global_meta, self.mining_config, step=self.state.global_step)
         negative_weights = self._without_repeated_rows(global_meta.get(ROW_INDEX), negative_weights)
         if not getattr(self, "_checked_first_batch", False) and model.training:
             self._checked_first_batch = True
             self._warn_if_degenerate(negative_weights, positive_weights)
-        logit_scale = self.accelerator.unwrap_model(model).logit_scale
-        loss = self.loss_fn(
+        return self.loss_fn(
             image_embeds,
-            text_embeds,
-            logit_scale,
+            text_embeds[:batch_size],
+            self.accelerator.unwrap_model(model).logit_scale,
             negative_weights=negative_weights,
             positive_weights=positive_weights,
             mined_text_embeds=mined_text_embeds,
             mined_text_weights=mined_weights,
         )
-        if self.args.ttd_weight > 0:
-            loss = loss + self.args.ttd_weight * ttd_loss_term(model, outputs, text_embeds, tag_batch, self.ttd_loss)
-        return (loss, outputs) if return_outputs else loss
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """`Trainer.training_step`; with `args.mini_batch_size` smaller than the batch, a GradCache step
+        (`training.gradcache.gradcache_step`): the full batch's gradient with the activation memory of one chunk."""
+        chunk = self.args.mini_batch_size
+        if chunk is None or batch_rows(inputs) <= chunk:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        for module in self._frozen_modules:
+            module.eval()
+        return gradcache_step(self, model, self._prepare_inputs(inputs), chunk)
 
     @staticmethod
     def _without_repeated_rows(row_index: torch.Tensor | None, weights: torch.Tensor | None) -> torch.Tensor | None:
