@@ -160,7 +160,9 @@ def compute_block_inputs(
         features=features,
         new_fingerprint=fingerprint,
         cache_file_name=map_cache_file(dataset, fingerprint),
-        desc=f"Caching the inputs of vision block {tail_starts[0]} and text block {tail_starts[1]}",
+        desc="Caching the frozen prefix: " + ", ".join(
+            f"{name} tower up to block {start}" for name, start in zip(("vision", "text"), tail_starts) if start is not None
+        ),
     )
     out = concatenate_datasets([dataset.remove_columns([c for c in columns if c in dataset.column_names]), cached],
                                axis=1)

@@ -141,9 +141,9 @@ class SigmoidContrastiveLoss(nn.Module):
     (`SIGLIP_INIT_LOGIT_SCALE`), not CLIP's :math:`\log(1/0.07)`: set
     ``model.logit_scale.data.fill_(SIGLIP_INIT_LOGIT_SCALE)`` before training. The dual encoder has no bias,
     so this module owns it: ``self.logit_bias`` is an ``nn.Parameter`` initialised to -10
-    (`SIGLIP_INIT_LOGIT_BIAS`). **A trainer must add** ``loss.parameters()`` **to its optimiser** (e.g. one more
-    parameter group, no weight decay), save it with the model's checkpoint and, when it moves the model to a
-    device, move the loss too; otherwise the bias stays at its initial value. ``forward(..., logit_bias=x)``
+    (`SIGLIP_INIT_LOGIT_BIAS`). `ClipNegTrainer` (``contrastive_loss="sigmoid"``) sets the scale, optimises the bias,
+    clears its gradient after each step and checkpoints it; a training loop of your own must add
+    ``loss.parameters()`` to its optimiser and move the loss to the model's device. ``forward(..., logit_bias=x)``
     uses ``x`` instead (a bias held elsewhere, or a fixed one).
 
     Multiple processes. As in `WeightedContrastiveLoss`: with ``gather_across_processes=True`` (default) and a
@@ -229,6 +229,7 @@ class SigmoidContrastiveLoss(nn.Module):
         mined_text_embeds: Tensor | None = None, mined_text_weights: Tensor | None = None,
         logit_bias: Tensor | float | None = None,
     ) -> Tensor:
+        """The scalar sigmoid loss of the batch; inputs, shapes and errors as in the class docstring."""
         inputs = pair_batch(
             image_embeds, text_embeds, negative_weights, positive_weights, mined_text_embeds, mined_text_weights,
             gather_across_processes=self.gather_across_processes,

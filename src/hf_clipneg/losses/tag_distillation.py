@@ -377,6 +377,7 @@ class TagSelfDistillationLoss(nn.Module):
         tag_mask: Tensor,
         temperature: float | None = None,
     ) -> Tensor:
+        """The scalar TTD loss; inputs, shapes and errors as in the class docstring."""
         _check_tags(patch_embeds, tag_embeds, tag_mask)
         if caption_embeds.dim() != 2 or caption_embeds.shape != (patch_embeds.shape[0], patch_embeds.shape[2]):
             raise ValueError(

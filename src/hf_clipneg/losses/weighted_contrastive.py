@@ -220,6 +220,7 @@ class WeightedContrastiveLoss(nn.Module):
         mined_text_embeds: Tensor | None = None,
         mined_text_weights: Tensor | None = None,
     ) -> Tensor:
+        """The scalar weighted InfoNCE loss of the batch; inputs, shapes and errors as in the class docstring."""
         inputs = pair_batch(
             image_embeds, text_embeds, negative_weights, positive_weights, mined_text_embeds, mined_text_weights,
             gather_across_processes=self.gather_across_processes,

@@ -73,7 +73,13 @@ class MiningStats:
         return dataclasses.asdict(self)
 
     def to_markdown(self) -> str:
-        """A short markdown table of the statistics plus the hint."""
+        """A short markdown table of the statistics plus the hint (cluster rows read "n/a" when the rule needed no
+        clusters and mining skipped k-means).
+
+        Example:
+            >>> "| n image clusters | n/a" in MiningStats().to_markdown()
+            True
+        """
 
         def fmt(value: Any) -> str:
             if value is None:
@@ -86,8 +92,12 @@ class MiningStats:
                 return "; ".join(f"{k}: {v}" for k, v in value.items()) or "none"
             return str(value)
 
+        values = {name: value for name, value in self.to_dict().items() if name != "hint"}
+        if not self.n_image_clusters:  # the rule needed no clusters: say so instead of printing zero sizes
+            values = {name: ("n/a (k-means skipped: the rule needs no clusters)" if name == "n_image_clusters" else value)
+                      for name, value in values.items() if not name.startswith("image_cluster_size")}
         lines = ["| statistic | value |", "|---|---|"]
-        lines += [f"| {name.replace('_', ' ')} | {fmt(value)} |" for name, value in self.to_dict().items() if name != "hint"]
+        lines += [f"| {name.replace('_', ' ')} | {fmt(value)} |" for name, value in values.items()]
         return "\n".join(lines) + f"\n\n{self.hint}\n"
 
 

@@ -59,16 +59,18 @@ LOSS_STATE_FILE = "loss.safetensors"
 
 
 class ClipNegTrainer(Trainer):
-    """Train a `VisionTextDualEncoderModel` on a mined dataset with `WeightedContrastiveLoss`.
+    """Train a `VisionTextDualEncoderModel` on a mined dataset with a weighted contrastive loss.
 
     The in-batch negative weights come from `hf_clipneg.mining.pair_weights` (the one implementation of
     the mining rule) applied to the mining columns of the (global) batch. Evaluation embeds the eval split
     and reports text->image and image->text R@K and median rank (`eval_t2i_R@1`, ...), usable with
     `metric_for_best_model="t2i_R@1"`.
 
-    Losses: `loss` (default `WeightedContrastiveLoss()`) is the contrastive term; with `args.ttd_weight > 0`,
-    `ttd_weight * ttd_loss` is added (default `TagSelfDistillationLoss(args.ttd_temperature, args.ttd_margin)`;
-    pass your own, e.g. with `detach_image=True`).
+    Losses: `loss` is the contrastive term (default: `WeightedContrastiveLoss()` for
+    `args.contrastive_loss="infonce"`, `SigmoidContrastiveLoss()` for `"sigmoid"`; the trainer optimises and
+    checkpoints a loss's own parameters); with `args.ttd_weight > 0`, `ttd_weight * ttd_loss` is added (default
+    `TagSelfDistillationLoss(args.ttd_temperature, args.ttd_margin)`; pass your own, e.g. with `detach_image=True`).
+    `eval_loss` is always the plain InfoNCE of the whole eval set (comparable across losses and strategies).
 
     Gradient accumulation: the loss of each micro-batch is the contrastive loss within that micro-batch,
     and `loss_is_scaled_for_ga = False` lets the Trainer divide it by the accumulation steps, so GA=2 with
@@ -187,16 +189,31 @@ class ClipNegTrainer(Trainer):
         )
         self.loss_fn = loss if loss is not None else self._default_loss(args)
         self.loss_fn.to(self.args.device)
+        if ttd_loss is not None and args.ttd_weight <= 0:
+            raise ValueError("ttd_loss was given but args.ttd_weight is 0, so it would never run: set ttd_weight > 0.")
         self.ttd_loss = ttd_loss if ttd_loss is not None else TagSelfDistillationLoss(
             temperature=args.ttd_temperature, margin=args.ttd_margin
         )
         self._frozen_modules = set_tower_training(self.model, args.tower_training, args.trainable_blocks)
+        text_pooler = getattr(self.model.text_model, "pooler", None)
+        if self.model.text_pooling == "mean" and isinstance(text_pooler, nn.Module):
+            text_pooler.requires_grad_(False)  # mean pooling never uses it: no gradient, nothing to train
         self.add_callback(LogitScaleCap(args.max_logit_scale))
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         logger.info(
-            "Negative strategy %s, towers %s%s: %d trainable parameters.", strategy.value, args.tower_training.value,
-            " (training on cached tower features)" if self.cached_tower_features else "", trainable,
+            "Negative strategy %s, %s loss, towers %s%s%s: %d trainable parameters.", strategy.value,
+            args.contrastive_loss, args.tower_training.value, self._cache_description(),
+            f", TTD weight {args.ttd_weight:g}" if args.ttd_weight > 0 else "", trainable,
         )
+
+    def _cache_description(self) -> str:
+        if not self.cached_tower_features:
+            return ", towers run every step"
+        if self.tail_starts is None:
+            return ", training on cached tower features"
+        parts = [f"{name} tower from its cached block-{start} input" if start is not None else f"{name} tower features"
+                 for name, start in zip(("vision", "text"), self.tail_starts)]
+        return ", training on cached " + " and ".join(parts)
 
     def _default_loss(self, args: ClipNegTrainingArguments) -> WeightedContrastiveLoss | SigmoidContrastiveLoss:
         if args.contrastive_loss == "infonce":
@@ -456,7 +473,13 @@ class ClipNegTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
-        """Embed the eval split and report retrieval metrics (`{prefix}_t2i_R@1`, ...) and `{prefix}_loss`."""
+        """Embed the eval split (or each split of a dict) and report retrieval metrics (`{prefix}_t2i_R@1`, ...,
+        relevance by `args.retrieval_group_column` or the caption) and `{prefix}_loss`, the plain InfoNCE of the
+        whole set with every other row a negative (whatever the training loss).
+
+        Raises:
+            ValueError: no eval dataset. KeyError: `retrieval_group_column` is not a column of it.
+        """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset.")
