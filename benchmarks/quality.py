@@ -60,6 +60,11 @@ Steps:
    model's provenance, copied from a one-row `compute_features` call, and placeholder captions, so that only the
    texts are embedded: a user simply runs `compute_features` with the pooler model, same numbers, ~30 min longer).
 
+Losses and batches: `--losses infonce,sigmoid --batch-sizes 1024,4096` adds, for each regime of
+`--sweep-regimes` (default `single`), `<regime>-sigmoid` (`contrastive_loss="sigmoid"`: SigLIP's loss with the
+rule's weights) and `<regime>-b1024`... regimes (`per_device_train_batch_size`); steps are chosen per regime as
+above, and each regime's default rule is chosen on validation by `choose_default` (robust to ties and noise).
+
 Depths: `--depths frozen,partial` adds, for each regime in `--partial-regimes`, a `<regime>-partial` regime
 trained with `tower_training="partial", trainable_blocks=--trainable-blocks` (the last blocks of both towers
 train). The trainer then caches the input of each tower's first trainable block once
@@ -149,6 +154,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-pooling", default="mean,pooler",
                    help="first: the text pooling of every run; the others: vanilla on validation for comparison")
     p.add_argument("--depths", default="frozen", help="frozen[,partial]: partial adds <regime>-partial regimes")
+    p.add_argument("--losses", default="infonce",
+                   help="infonce[,sigmoid]: each other loss adds <regime>-<loss> regimes (contrastive_loss=...)")
+    p.add_argument("--batch-sizes", default="",
+                   help="contrastive batches besides --batch-size: each adds <regime>-b<N> regimes ('' = none)")
+    p.add_argument("--sweep-regimes", default="single",
+                   help="the regimes (and their -partial variants) that --losses and --batch-sizes multiply")
     p.add_argument("--partial-regimes", default="single", help="the regimes that get a -partial variant")
     p.add_argument("--trainable-blocks", type=int, default=1, help="last blocks of each tower trained at partial depth")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 torch thread each)")
@@ -231,6 +242,22 @@ def regime_spec(name: str) -> dict[str, Any]:
     raise ValueError(f"Unknown regime {name!r}: use single, many or crowdedNN with NN in 1..100.")
 
 
+def expand_regimes(regimes: dict[str, dict], args: argparse.Namespace) -> dict[str, dict]:
+    """Each regime of `--sweep-regimes` once per contrastive loss (`--losses`) and batch size (`--batch-sizes`);
+    the defaults (InfoNCE, `--batch-size`) keep the regime's own name."""
+    losses = [x.strip() for x in args.losses.split(",") if x.strip()]
+    batches = [args.batch_size] + [int(x) for x in args.batch_sizes.split(",") if x.strip() and int(x) != args.batch_size]
+    swept = {r.strip() for r in args.sweep_regimes.split(",") if r.strip()}
+    out = {}
+    for name, spec in regimes.items():
+        sweep = name.removesuffix("-partial") in swept
+        for loss in losses if sweep else ["infonce"]:
+            for batch in batches if sweep else [args.batch_size]:
+                suffix = ("" if loss == "infonce" else f"-{loss}") + ("" if batch == args.batch_size else f"-b{batch}")
+                out[name + suffix] = {**spec, "loss": loss, "batch": batch}
+    return out
+
+
 def rule_configs(paper_clusters: int, has_category: bool) -> dict[str, Any]:
     from hf_clipneg.mining import MiningConfig
 
@@ -269,6 +296,7 @@ def prepare(args: argparse.Namespace, poolings: list[str]) -> dict[str, Any]:
     if "partial" in args.depth_list:
         for name in [r.strip() for r in args.partial_regimes.split(",") if r.strip()]:
             regimes[f"{name}-partial"] = {**regime_spec(name), "depth": "partial"}
+    regimes = expand_regimes(regimes, args)
     if any(r["sampler"] == "crowded" for r in regimes.values()):
         feats = np.asarray(data["train"].with_format("numpy")[IMAGE_FEATURES], dtype=np.float32)
         groups, _ = cluster_features(feats, min(args.crowding_groups, len(feats)), seed=0)
@@ -365,7 +393,8 @@ def training_arguments(args: argparse.Namespace, regime: dict, strategy: str, se
     if regime["sampler"] == "crowded":
         sampler.update(crowded_share=regime["share"], sampler_group_column=Q.CROWD_GROUP)
     return ClipNegTrainingArguments(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=regime["batch"],
+        contrastive_loss=regime["loss"],
         per_device_eval_batch_size=1024, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         negative_strategy=STRATEGIES[strategy][1], seed=seed, report_to="none", save_strategy="no",
         logging_strategy="no", disable_tqdm=True, use_cpu=True, tower_training=regime["depth"],
@@ -456,7 +485,7 @@ def regime_batches(ctx: dict, name: str, steps: int, seed: int) -> list[np.ndarr
     regime = ctx["regimes"][name]
     train = ctx["train_sets"][regime["train_key"]]
     groups = np.asarray(train[Q.CROWD_GROUP]) if regime["sampler"] == "crowded" else None
-    return Q.sampler_batches(len(train), ctx["args"].batch_size, steps, seed, regime["sampler"], groups,
+    return Q.sampler_batches(len(train), regime["batch"], steps, seed, regime["sampler"], groups,
                              regime["share"] or 0.5)
 
 
@@ -537,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
             args.regimes = "single,crowded50,many"
         if args.depths == parse_args([]).depths:  # and the partial-depth path runs too
             args.depths = "frozen,partial"
+        if args.losses == parse_args([]).losses:  # and the sigmoid loss, and a second batch size
+            args.losses, args.batch_sizes = "infonce,sigmoid", "64"
     out_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True,
                         handlers=[logging.StreamHandler(sys.stderr), logging.FileHandler(out_dir / "quality.log", mode="w")])
@@ -915,7 +946,7 @@ def plot(report: dict, path: Path, has_category: bool) -> None:
     rate_key = "category_pair_rate" if has_category else "exact_pair_rate"
     regimes = list(report["summary"])
     strategies = [st for st in report["settings"]["strategy_list"] if st != "vanilla"]
-    markers = dict(zip(regimes, "osD^vP*X"))
+    markers = {r: "osD^vP*Xhp<>"[i % 12] for i, r in enumerate(regimes)}
     colours = {st: f"C{i}" for i, st in enumerate(strategies)}
     rates = [100 * report["regimes"][r]["false_negatives"][rate_key] for r in regimes]
     spread = 0.012 * (max(rates) - min(rates) or 1.0)
