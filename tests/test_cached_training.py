@@ -13,74 +13,43 @@ from datasets import Dataset, load_dataset
 from PIL import Image
 
 from hf_clipneg.features import compute_features, stored_provenance
-from hf_clipneg.mining import MiningConfig, mine_negatives
-from hf_clipneg.training.samplers import CrowdedBatchSampler
 from hf_clipneg.data import make_synthetic_pairs
 from hf_clipneg.testing import build_tiny_dual_encoder
-from hf_clipneg.training import ClipNegTrainer
-from hf_clipneg.training import ClipNegTrainingArguments
+from hf_clipneg.training import ClipNegTrainer, ClipNegTrainingArguments
+from hf_clipneg.training.samplers import CrowdedBatchSampler
+from trainer_steps import assert_same_step, assert_same_training, mine_tiny, one_step, tiny_args, tiny_trainer
 
-MINING = MiningConfig(evidence="image_cluster", n_image_clusters=4, n_text_clusters=4, negatives_per_row=2)
 
 
-def _args(tmp_path, **overrides) -> ClipNegTrainingArguments:
-    values = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
-        learning_rate=1e-2, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no",
-        logging_steps=1, seed=0, negative_strategy="cluster_weighted",
-    )
-    values.update(overrides)
-    return ClipNegTrainingArguments(**values)
+_args = tiny_args
 
 
 @pytest.fixture(scope="module")
 def mined():
-    model, processor = build_tiny_dual_encoder()
-    dataset, _ = mine_negatives(make_synthetic_pairs(num_rows=48, seed=0, image_size=32), MINING, model, processor)
-    return dataset
+    return mine_tiny()
 
 
 def _trainer(tmp_path, dataset, cached, **overrides):
-    model, processor = build_tiny_dual_encoder()
-    args = _args(tmp_path, cached_tower_features=cached, **overrides)
-    return ClipNegTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+    return tiny_trainer(tmp_path, dataset, cached_tower_features=cached, **overrides)
 
 
 @pytest.mark.parametrize("strategy,mined_per_row", [("vanilla", 0), ("cluster_weighted", 0), ("cluster_weighted", None)])
 def test_cached_loss_and_projection_gradients_equal_the_tower_path(tmp_path, mined, strategy, mined_per_row):
-    results = {}
+    steps = {}
     for cached in (True, False):
         trainer = _trainer(tmp_path, mined, cached, negative_strategy=strategy, mined_negatives_per_row=mined_per_row)
         assert trainer.cached_tower_features is cached
-        model = trainer.model
-        model.train()
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
-        assert ("pixel_values" in batch) is not cached
-        loss = trainer.compute_loss(model, batch)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[cached] = (loss.detach(), grads)
-    (cached_loss, cached_grads), (tower_loss, tower_grads) = results[True], results[False]
-    torch.testing.assert_close(cached_loss, tower_loss, atol=1e-5, rtol=0)
-    assert set(cached_grads) == set(tower_grads) == {"visual_projection.weight", "text_projection.weight", "logit_scale"}
-    for name in tower_grads:
-        torch.testing.assert_close(cached_grads[name], tower_grads[name], atol=1e-5, rtol=0, msg=name)
+        steps[cached] = one_step(trainer)
+        assert ("pixel_values" in steps[cached][2]) is not cached
+    names = assert_same_step(steps[True], steps[False])
+    assert names == {"visual_projection.weight", "text_projection.weight", "logit_scale"}
 
 
 def test_cached_training_and_evaluation_match_the_tower_path(tmp_path, mined):
-    runs = {}
-    for cached in (True, False):
-        trainer = _trainer(tmp_path / str(cached), mined, cached, max_steps=3, optim="sgd", learning_rate=0.5)
-        trainer.train()
-        runs[cached] = (trainer, trainer.evaluate(mined.select(range(16))))
-    (cached, cached_eval), (tower, tower_eval) = runs[True], runs[False]
-    cached_losses = [log["loss"] for log in cached.state.log_history if "loss" in log]
-    tower_losses = [log["loss"] for log in tower.state.log_history if "loss" in log]
-    np.testing.assert_allclose(cached_losses, tower_losses, atol=1e-5)
-    for name in ("visual_projection.weight", "text_projection.weight", "logit_scale"):
-        torch.testing.assert_close(cached.model.state_dict()[name], tower.model.state_dict()[name], atol=1e-5, rtol=0)
-    for key in ("eval_t2i_R@1", "eval_i2t_R@1", "eval_loss"):
-        assert cached_eval[key] == pytest.approx(tower_eval[key], abs=1e-4)
+    assert_same_training(
+        lambda cached: _trainer(tmp_path / str(cached), mined, cached, max_steps=3, optim="sgd", learning_rate=0.5),
+        mined.select(range(16)), eval_atol=1e-4,
+    )
 
 
 def test_cached_path_resumes_to_the_same_losses_and_weights(tmp_path, mined):

@@ -11,14 +11,10 @@ import torch
 from transformers import EfficientNetConfig, EfficientNetModel
 
 from hf_clipneg.block_features import compute_block_inputs
-from hf_clipneg.mining import MiningConfig, mine_negatives
-from hf_clipneg.data import make_synthetic_pairs
 from hf_clipneg.testing import build_tiny_dual_encoder
 from hf_clipneg.tower_tails import block_inputs, block_list, run_tail, tail_start
-from hf_clipneg.training import ClipNegTrainer
 from hf_clipneg.training import ClipNegTrainingArguments
-
-MINING = MiningConfig(evidence="image_cluster", n_image_clusters=4, n_text_clusters=4, negatives_per_row=2)
+from trainer_steps import assert_same_step, assert_same_training, mine_tiny, one_step, tiny_trainer
 
 
 def _tiny_efficientnet() -> EfficientNetModel:
@@ -55,63 +51,33 @@ def test_tail_start_refuses_what_cannot_be_cut():
 
 @pytest.fixture(scope="module")
 def mined():
-    model, processor = build_tiny_dual_encoder()
-    dataset, _ = mine_negatives(make_synthetic_pairs(num_rows=48, seed=0, image_size=32), MINING, model, processor)
-    return dataset
+    return mine_tiny()
 
 
 def _trainer(tmp_path, dataset, cached, **overrides):
-    model, processor = build_tiny_dual_encoder()
-    values = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
-        learning_rate=1e-2, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no",
-        logging_steps=1, seed=0, negative_strategy="cluster_weighted", tower_training="partial", trainable_blocks=1,
-        cached_tower_features=cached,
-    )
-    values.update(overrides)
-    return ClipNegTrainer(model=model, args=ClipNegTrainingArguments(**values), train_dataset=dataset,
-                          processing_class=processor)
+    overrides = {"tower_training": "partial", "trainable_blocks": 1, **overrides}
+    return tiny_trainer(tmp_path, dataset, cached_tower_features=cached, **overrides)
 
 
 @pytest.mark.parametrize("strategy,mined_per_row", [("vanilla", 0), ("cluster_weighted", None)])
 def test_cached_block_inputs_give_the_tower_paths_loss_and_gradients(tmp_path, mined, strategy, mined_per_row):
-    results = {}
+    steps = {}
     for cached in (True, False):
         trainer = _trainer(tmp_path, mined, cached, negative_strategy=strategy, mined_negatives_per_row=mined_per_row)
         assert trainer.cached_tower_features is cached
         assert trainer.tail_starts == ((1, 1) if cached else None)
-        model = trainer.model
-        model.train()
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
-        assert ("text_block_inputs" in batch) is cached and ("pixel_values" in batch) is not cached
-        torch.manual_seed(1)  # the trainable blocks run with dropout: the same draws on both paths
-        loss = trainer.compute_loss(model, batch)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[cached] = (loss.detach(), grads)
-    (cached_loss, cached_grads), (tower_loss, tower_grads) = results[True], results[False]
-    torch.testing.assert_close(cached_loss, tower_loss, atol=1e-5, rtol=0)
-    assert set(cached_grads) == set(tower_grads)
-    assert any(".layers.1." in n for n in tower_grads) and any("encoder.layer.1." in n for n in tower_grads)
-    assert not any(".layers.0." in n or "encoder.layer.0." in n for n in tower_grads)
-    for name in tower_grads:
-        torch.testing.assert_close(cached_grads[name], tower_grads[name], atol=1e-5, rtol=0, msg=name)
+        steps[cached] = one_step(trainer, seed=1)  # the trainable blocks run with dropout: the same draws on both paths
+        assert ("text_block_inputs" in steps[cached][2]) is cached and ("pixel_values" in steps[cached][2]) is not cached
+    names = assert_same_step(steps[True], steps[False])
+    assert any(".layers.1." in n for n in names) and any("encoder.layer.1." in n for n in names)
+    assert not any(".layers.0." in n or "encoder.layer.0." in n for n in names)
 
 
 def test_partial_depth_training_and_evaluation_match_the_tower_path(tmp_path, mined):
-    runs = {}
-    for cached in (True, False):
-        trainer = _trainer(tmp_path / str(cached), mined, cached, max_steps=3, optim="sgd", learning_rate=0.5)
-        trainer.train()
-        runs[cached] = (trainer, trainer.evaluate(mined.select(range(16))))
-    (cached, cached_eval), (tower, tower_eval) = runs[True], runs[False]
-    losses = [[log["loss"] for log in t.state.log_history if "loss" in log] for t in (cached, tower)]
-    np.testing.assert_allclose(losses[0], losses[1], atol=1e-5)
-    tower_weights = dict(tower.model.named_parameters())
-    for name, weight in cached.model.named_parameters():
-        torch.testing.assert_close(weight, tower_weights[name], atol=1e-5, rtol=0, msg=name)
-    for key in ("eval_t2i_R@1", "eval_i2t_R@1", "eval_loss"):
-        assert cached_eval[key] == pytest.approx(tower_eval[key], abs=1e-5)
+    assert_same_training(
+        lambda cached: _trainer(tmp_path / str(cached), mined, cached, max_steps=3, optim="sgd", learning_rate=0.5),
+        mined.select(range(16)), eval_atol=1e-5,
+    )
 
 
 def test_block_inputs_follow_the_frozen_weights(mined):
@@ -153,22 +119,12 @@ def test_block_inputs_of_the_same_rows_are_computed_once(tmp_path, mined):
 
 @pytest.mark.parametrize("depth", ["frozen", "partial"])
 def test_tag_self_distillation_on_cached_inputs_equals_the_tower_path(tmp_path, mined, depth):
-    results = {}
+    steps = {}
     for cached in (True, False):
         trainer = _trainer(tmp_path, mined, cached, tower_training=depth, ttd_weight=1.0, negative_strategy="vanilla")
         assert trainer.cached_tower_features is cached
         if cached:  # frozen: the vision tower's post-block layers run on its cached last-block output
             assert trainer.tail_starts == ((2, None) if depth == "frozen" else (1, 1))
-        model = trainer.model
-        model.train()
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
-        assert "tag_input_ids" in batch
-        torch.manual_seed(1)
-        loss = trainer.compute_loss(model, batch)
-        loss.backward()
-        results[cached] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    (cached_loss, cached_grads), (tower_loss, tower_grads) = results[True], results[False]
-    torch.testing.assert_close(cached_loss, tower_loss, atol=1e-5, rtol=0)
-    assert set(cached_grads) == set(tower_grads)
-    for name in tower_grads:
-        torch.testing.assert_close(cached_grads[name], tower_grads[name], atol=1e-5, rtol=0, msg=name)
+        steps[cached] = one_step(trainer, seed=1)
+        assert "tag_input_ids" in steps[cached][2]
+    assert_same_step(steps[True], steps[False])
