@@ -258,6 +258,12 @@ def expand_regimes(regimes: dict[str, dict], args: argparse.Namespace) -> dict[s
     return out
 
 
+def regime_steps(regime: dict, candidates: list[int], base_batch: int) -> list[int]:
+    """The step candidates of a regime: `--step-candidates` at `--batch-size`, scaled to the same number of training
+    rows (epochs) at the regime's own batch size."""
+    return sorted({max(1, round(n * base_batch / regime["batch"])) for n in candidates})
+
+
 def rule_configs(paper_clusters: int, has_category: bool) -> dict[str, Any]:
     from hf_clipneg.mining import MiningConfig
 
@@ -631,17 +637,18 @@ def main(argv: list[str] | None = None) -> int:
     # chosen budget are vanilla's rows of the tables)
     t0 = time.perf_counter()
     selection_seeds = seeds[: max(1, min(args.selection_seeds, len(seeds)))]
+    steps_of = {r: regime_steps(spec, candidates, args.batch_size) for r, spec in ctx["regimes"].items()}
     specs = [{"kind": "select", "regime": r, "strategy": "vanilla", "seed": s, "steps": n, "pooling": poolings[0]}
-             for r in ctx["regimes"] for n in candidates for s in selection_seeds]
+             for r in ctx["regimes"] for n in steps_of[r] for s in selection_seeds]
     selection = run_specs(specs, "vanilla step selection")
     report["timings"]["selection_s"] = time.perf_counter() - t0
     chosen: dict[str, int] = {}
     for r in ctx["regimes"]:
         curve = {}
-        for n in candidates:
+        for n in steps_of[r]:
             values = [x["evals"]["validation"][metric]["t2i_R@1"] for x in selection if x["regime"] == r and x["steps"] == n]
             curve[n] = Q.mean_std(values)
-        chosen[r] = max(candidates, key=lambda n: (round(curve[n][0], 6), -n))
+        chosen[r] = max(steps_of[r], key=lambda n: (round(curve[n][0], 6), -n))
         report["regimes"][r] = {**ctx["regimes"][r], "step_curve": {str(n): v for n, v in curve.items()}, "steps": chosen[r]}
         logger.info("[%s] vanilla validation %s t2i R@1 by steps: %s -> %d steps", r, metric,
                     {n: round(v[0], 2) for n, v in curve.items()}, chosen[r])
@@ -854,20 +861,20 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
         lines.append(f"| {r} | {g['rows']:,} | {sampler} | {g['steps']} | {100 * fn['exact_pair_rate']:.3f}% | "
                      f"{fn['exact_per_row']:.2f} | {cat} |")
     n_sel = max(1, min(s["selection_seeds"], s["seeds"]))
+    width = max(len(report["regimes"][r]["step_curve"]) for r in regimes)
     lines += ["", "## Steps chosen by vanilla on validation", "",
               f"Vanilla's validation {report['select_metric']} after training for each candidate budget (separate "
               f"runs, linear decay over each; seed{'s' if n_sel > 1 else ''} {', '.join(map(str, range(n_sel)))}).", "",
-              "| regime | " + " | ".join(f"{n} steps" for n in report["regimes"][regimes[0]]["step_curve"]) + " | chosen |",
-              "|---|" + "---|" * (len(report["regimes"][regimes[0]]["step_curve"]) + 1)]
+              "| regime | " + " | ".join(f"candidate {i + 1}" for i in range(width)) + " | chosen |",
+              "|---|" + "---|" * (width + 1)]
     for r in regimes:
         curve = report["regimes"][r]["step_curve"]
-        cells = [(_pm(v) if n_sel > 1 else f"{v[0]:.2f}") for v in curve.values()]
-        lines.append(f"| {r} | " + " | ".join(cells) + f" | {report['regimes'][r]['steps']} |")
-    largest = max(int(n) for n in report["regimes"][regimes[0]]["step_curve"])
-    capped = [r for r in regimes if report["regimes"][r]["steps"] == largest]
+        cells = [f"{n} steps: " + (_pm(v) if n_sel > 1 else f"{v[0]:.2f}") for n, v in curve.items()]
+        lines.append(f"| {r} | " + " | ".join(cells + [""] * (width - len(cells))) + f" | {report['regimes'][r]['steps']} |")
+    capped = [r for r in regimes if report["regimes"][r]["steps"] == max(int(n) for n in report["regimes"][r]["step_curve"])]
     if capped:
-        lines += ["", f"The largest candidate ({largest} steps) won in {', '.join(f'`{r}`' for r in capped)}: there the "
-                  "budget is the grid's cap, not a validation optimum (a wider --step-candidates grid costs more time)."]
+        lines += ["", f"The largest candidate won in {', '.join(f'`{r}`' for r in capped)}: there the budget is the "
+                  "grid's cap, not a validation optimum (a wider --step-candidates grid costs more time)."]
     summary = report["summary"]
     for proto, title in (("cat", "Category"), ("inst", "Instance")):
         if proto == "cat" and not has_category:
