@@ -111,6 +111,8 @@ class ClipNegTrainer(Trainer):
         if processing_class is None:
             raise ValueError("Pass the VisionTextDualEncoderProcessor as `processing_class`.")
         check_training_setup(args)
+        if ttd_loss is not None and args.ttd_weight <= 0:
+            raise ValueError("ttd_loss was given but args.ttd_weight is 0, so it would never run: set ttd_weight > 0.")
         self.mining_config = resolve_mining_config(mining_config, train_dataset, args)
         model = as_clipneg_model(model)
         if args.max_text_length is not None:
@@ -189,8 +191,6 @@ class ClipNegTrainer(Trainer):
         )
         self.loss_fn = loss if loss is not None else self._default_loss(args)
         self.loss_fn.to(self.args.device)
-        if ttd_loss is not None and args.ttd_weight <= 0:
-            raise ValueError("ttd_loss was given but args.ttd_weight is 0, so it would never run: set ttd_weight > 0.")
         self.ttd_loss = ttd_loss if ttd_loss is not None else TagSelfDistillationLoss(
             temperature=args.ttd_temperature, margin=args.ttd_margin
         )
