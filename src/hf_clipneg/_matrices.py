@@ -56,15 +56,3 @@ def as_float_matrix(
             "outputs (a diverged model, or fp16 overflow), or remove or re-encode those rows."
         )
     return tensor
-
-
-def l2_normalise(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    """Rows scaled to unit length; a zero row (no direction, so no cosine) raises an error naming it."""
-    norms = tensor.norm(dim=1, keepdim=True)
-    zero_rows = (norms.squeeze(1) == 0).nonzero().flatten()
-    if len(zero_rows):
-        raise ValueError(
-            f"{name} row {int(zero_rows[0])} is the zero vector ({len(zero_rows)} such rows in all); it has no "
-            "direction, so cosine similarity is undefined. Check how that embedding was produced."
-        )
-    return tensor / norms

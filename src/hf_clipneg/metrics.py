@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from ._captions import normalise_caption
-from ._matrices import as_float_matrix, l2_normalise
+from ._matrices import as_float_matrix
+from ._normalize import l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def _as_embedding_pair(image_embeds: Any, text_embeds: Any) -> tuple[torch.Tenso
             "from the same dual encoder's projections."
         )
     dtype = torch.float64 if images.dtype == texts.dtype == torch.float64 else torch.float32
-    return l2_normalise(images.to(dtype), "image_embeds"), l2_normalise(texts.to(dtype), "text_embeds")
+    return l2_normalize(images.to(dtype), "image_embeds"), l2_normalize(texts.to(dtype), "text_embeds")
 
 
 def _group_ids(image_groups: Any, text_groups: Any, n_images: int, n_texts: int) -> tuple[torch.Tensor, torch.Tensor]:

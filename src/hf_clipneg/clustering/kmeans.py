@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from .._faiss import faiss_gpu_count, import_faiss
+from .._normalize import l2_normalize as shared_l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +46,9 @@ def check_features(features: object, name: str = "features") -> np.ndarray:
 
 
 def l2_normalize(features: np.ndarray, name: str = "features") -> np.ndarray:
-    """Return a float32 copy of `features` with unit-norm rows; zero rows raise an error naming them."""
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    zero = norms[:, 0] <= 1e-12
-    if zero.any():
-        bad = np.flatnonzero(zero)
-        raise ValueError(
-            f"{name} has all-zero rows (no direction to cluster), first rows: {bad[:10].tolist()}."
-        )
-    return (features / norms).astype(np.float32, copy=False)
+    """A float32 copy of `features` with unit-norm rows (`hf_clipneg._normalize.l2_normalize`); a zero row, which
+    has no direction to cluster, raises an error naming it."""
+    return shared_l2_normalize(features, name, eps=1e-12).astype(np.float32, copy=False)
 
 
 def spherical_kmeans(

@@ -15,7 +15,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .._matrices import as_float_matrix, l2_normalise
+from .._matrices import as_float_matrix
+from .._normalize import l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def filter_descriptions(
     for row, description in enumerate(descriptions):
         if description.label not in index:
             raise ValueError(f"Description {row} ({description.text!r}) has label {description.label!r}, not one of {names}.")
-    sims = l2_normalise(texts.double(), "text_embeds") @ l2_normalise(classes.double(), "class_text_embeds").T
+    sims = l2_normalize(texts.double(), "text_embeds") @ l2_normalize(classes.double(), "class_text_embeds").T
     labels = torch.tensor([index[d.label] for d in descriptions])
     own = sims[torch.arange(len(descriptions)), labels]
     others = sims.clone()

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .._matrices import as_float_matrix, l2_normalise
+from .._matrices import as_float_matrix
+from .._normalize import l2_normalize
 from ._hub import HubFolderMixin
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def modality_gap(image_embeds: ArrayLike, text_embeds: ArrayLike) -> ModalityGap
     """
     images = as_float_matrix(image_embeds, "image_embeds", allow_vector=True)
     texts = as_float_matrix(text_embeds, "text_embeds", dim=images.shape[1], allow_vector=True)
-    images, texts = l2_normalise(images.double(), "image_embeds"), l2_normalise(texts.double(), "text_embeds")
+    images, texts = l2_normalize(images.double(), "image_embeds"), l2_normalize(texts.double(), "text_embeds")
     if images.shape[0] != texts.shape[0]:
         logger.info("modality_gap on %d images and %d texts (not paired one-to-one)", images.shape[0], texts.shape[0])
     vector = images.mean(0) - texts.mean(0)
@@ -153,7 +154,7 @@ class ImageSpaceProjector(HubFolderMixin, tags=["tldr", "modality-gap"]):
             raise ValueError(f"alpha must be >= 0, got {alpha}.")
         x = as_float_matrix(X, "X", allow_vector=True).double()
         if self.normalize_inputs:
-            x = l2_normalise(x, "X")
+            x = l2_normalize(x, "X")
         y = as_float_matrix(Y, "Y", allow_vector=True).double()
         if y.shape[0] != x.shape[0]:
             raise ValueError(f"X has {x.shape[0]} rows but Y has {y.shape[0]}: they must describe the same images.")
@@ -188,7 +189,7 @@ class ImageSpaceProjector(HubFolderMixin, tags=["tldr", "modality-gap"]):
 
     def _transform_tensor(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize_inputs:
-            x = l2_normalise(x, "X")
+            x = l2_normalize(x, "X")
         weight = self.weight.to(device=x.device, dtype=x.dtype)
         return x @ weight.T + self.bias.to(device=x.device, dtype=x.dtype)
 

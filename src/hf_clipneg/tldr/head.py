@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 
-from .._matrices import as_float_matrix, l2_normalise
+from .._matrices import as_float_matrix
+from .._normalize import l2_normalize
 from ._hub import HubFolderMixin
 from .descriptions import DEFAULT_CLASS_PROMPT, Description, build_descriptions, check_class_names, filter_descriptions
 from .encode import encode_texts, model_device
@@ -133,7 +134,7 @@ class TextTrainedHead(torch.nn.Module, HubFolderMixin, PyTorchModelHubMixin, tag
             raise ValueError(f"space must be 'joint' or 'target', got {space!r}.")
         x = as_float_matrix(embeds, "embeds", dim=self.in_dim, allow_vector=True).float().to(device)
         if self.normalize_inputs:
-            x = l2_normalise(x, "embeds")
+            x = l2_normalize(x, "embeds")
         if self.projector is not None:
             return self.projector._transform_tensor(x)
         if self.gap_vector is not None:
@@ -274,13 +275,13 @@ def zero_shot_classify(image_embeds: ArrayLike, class_prompt_embeds: ArrayLike, 
     prompts = torch.as_tensor(prompts)
     if prompts.ndim == 3:  # prompt ensembling: the mean of each class's normalised prompts
         prompts = torch.stack([
-            l2_normalise(as_float_matrix(p, f"class_prompt_embeds[{i}]", allow_vector=True), "class_prompt_embeds").mean(0)
+            l2_normalize(as_float_matrix(p, f"class_prompt_embeds[{i}]", allow_vector=True), "class_prompt_embeds").mean(0)
             for i, p in enumerate(prompts)
         ])
     prompts = as_float_matrix(prompts, "class_prompt_embeds", allow_vector=True)
-    prompts = l2_normalise(prompts.double(), "class_prompt_embeds")
+    prompts = l2_normalize(prompts.double(), "class_prompt_embeds")
     images = as_float_matrix(image_embeds, "image_embeds", dim=prompts.shape[1], allow_vector=True)
-    images = l2_normalise(images.double(), "image_embeds")
+    images = l2_normalize(images.double(), "image_embeds")
     scores = images @ prompts.T
     preds = scores.argmax(1).numpy()
     return (preds, scores.float().numpy()) if return_scores else preds
