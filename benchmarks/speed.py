@@ -3,7 +3,7 @@
 Usage:
     python benchmarks/speed.py                      # full mode: packaged towers, up to 1M rows/vectors
     python benchmarks/speed.py --max-rows 100000    # skip the 1M mining and retrieval rows
-    python benchmarks/speed.py --sections trainer   # one section (mining features trainer epoch partial retrieval)
+    python benchmarks/speed.py --sections trainer   # one section (mining features trainer epoch partial gradcache retrieval)
     python benchmarks/speed.py --smoke              # tiny random towers and sizes, a few seconds (CI)
 
 These machines are noisy (shared cores, other jobs), so every figure is either a ratio or a pair
@@ -606,6 +606,51 @@ def bench_partial(args: argparse.Namespace, setup: Setup) -> None:
           f"({cache_seconds:,.1f} s, fp32/bf16 as the library chooses).")
 
 
+def bench_gradcache(args: argparse.Namespace, setup: Setup) -> None:
+    """A GradCache step (`mini_batch_size`) against the plain step at the same batch, last blocks trained on cached
+    block inputs (the setting where the towers' activations fill memory), interleaved step by step."""
+    from transformers.utils import logging as hf_logging
+
+    from hf_clipneg.training import ClipNegTrainer, ClipNegTrainingArguments
+
+    hf_logging.set_verbosity_error()
+    rows, caption_column, described = _epoch_data(args, setup)
+    rows = rows.select(range(min(args.gradcache_rows, len(rows)))).flatten_indices(keep_in_memory=True)
+    if caption_column != "caption":
+        rows = rows.rename_column(caption_column, "caption")
+    batch = min(args.gradcache_batch, len(rows))
+    state = {k: v.clone() for k, v in setup.model.state_dict().items()}
+    steppers = {}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for label, chunk in (("plain step", None), (f"GradCache, chunks of {args.gradcache_chunk}", args.gradcache_chunk)):
+            trainer = ClipNegTrainer(
+                model=setup.model,
+                args=ClipNegTrainingArguments(
+                    output_dir=f"{output_dir}/{chunk}", per_device_train_batch_size=batch,
+                    max_steps=args.partial_steps + 1, learning_rate=0.0, tower_training="partial", trainable_blocks=1,
+                    mini_batch_size=chunk, negative_strategy="vanilla", report_to="none", save_strategy="no",
+                    logging_strategy="no", disable_tqdm=True, use_cpu=device_name() == "cpu", seed=0,
+                ),
+                train_dataset=rows,
+                processing_class=setup.processor,
+            )
+            steppers[label] = Stepper(label, trainer, args.partial_steps + 1)
+            steppers[label].step(record=False)  # warm-up
+        for _ in range(args.partial_steps):  # interleaved, so load drift hits both alike
+            for stepper in steppers.values():
+                stepper.step(record=True)
+    setup.model.load_state_dict(state)
+    times = {label: float(np.mean(stepper.totals())) for label, stepper in steppers.items()}
+    plain, cached = times.values()
+    header(f"GradCache: {described} (first {len(rows)} rows), {setup.towers}, last block of each tower trained on "
+           f"cached block inputs, batch {batch}, device {device_name()}")
+    table(["step", "time (ms)", "vs plain"], [
+        *[[label, f"{t * 1e3:,.0f}", f"{t / plain:.2f}x"] for label, t in times.items()],
+    ])
+    print(f"{args.partial_steps} steps per variant after a warm-up, interleaved; the same gradients (tests/test_gradcache.py). "
+          f"Target: GradCache at most 1.3x the plain step ({cached / plain:.2f}x here).")
+
+
 # --------------------------------------------------------------------------------------------------
 # Retrieval
 # --------------------------------------------------------------------------------------------------
@@ -682,7 +727,7 @@ def _faiss_gpu() -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-SECTIONS = ("mining", "features", "trainer", "epoch", "partial", "retrieval")
+SECTIONS = ("mining", "features", "trainer", "epoch", "partial", "gradcache", "retrieval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -704,7 +749,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tower-steps", type=int, default=3, help="epoch section: timed steps of the tower path")
     parser.add_argument("--extraction-sample", type=int, default=128, help="epoch section: rows timed for extraction")
     parser.add_argument("--partial-rows", type=int, default=512, help="partial section: rows it trains on")
-    parser.add_argument("--partial-steps", type=int, default=2, help="partial section: timed steps per path")
+    parser.add_argument("--partial-steps", type=int, default=2, help="partial and gradcache sections: timed steps")
+    parser.add_argument("--gradcache-rows", type=int, default=256, help="gradcache section: rows it trains on")
+    parser.add_argument("--gradcache-batch", type=int, default=128, help="gradcache section: contrastive batch")
+    parser.add_argument("--gradcache-chunk", type=int, default=32, help="gradcache section: mini_batch_size")
     parser.add_argument(
         "--ivf-nlist", default="default",
         help="IVF lists: 'default' (the library's 4*sqrt(N), trained on all N vectors: slow at 1M on few cores), "
@@ -716,6 +764,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps, args.warmup_steps, args.micro_reps, args.profile_steps = 3, 1, 2, 1
         args.epoch_batch_size, args.tower_steps, args.extraction_sample = 8, 2, 8
         args.partial_rows, args.partial_steps = 16, 1
+        args.gradcache_rows, args.gradcache_batch, args.gradcache_chunk = 16, 8, 3
         # One thread: on a busy CI runner, tiny multi-threaded ops mostly wait on descheduled peer threads.
         args.threads = args.threads or 1
     return args
@@ -738,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     for section in args.sections:
         started = time.perf_counter()
         try:
-            if section in ("features", "trainer", "epoch", "partial") and setup is None:
+            if section in ("features", "trainer", "epoch", "partial", "gradcache") and setup is None:
                 setup = Setup(args)
             if section == "mining":
                 bench_mining(args)
@@ -750,6 +799,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench_epoch(args, setup)
             elif section == "partial":
                 bench_partial(args, setup)
+            elif section == "gradcache":
+                bench_gradcache(args, setup)
             else:
                 bench_retrieval(args)
         except Exception:  # report every section even if one breaks; exit non-zero at the end
