@@ -487,24 +487,24 @@ def build_dual_encoder(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
 
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(vision_id, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"No image processor could be loaded from the vision tower {vision_id!r}: {err}. Save one next to "
-            "the model (`image_processor.save_pretrained(dir)`)."
-        ) from err
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(text_id, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"No tokenizer could be loaded from the text tower {text_id!r}: {err}. Save one next to the model "
-            "(`tokenizer.save_pretrained(dir)`)."
-        ) from err
-    processor = VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = VisionTextDualEncoderProcessor(
+        image_processor=_load_preprocessor(AutoImageProcessor, vision_id, "image processor", "vision", trust_remote_code),
+        tokenizer=_load_preprocessor(AutoTokenizer, text_id, "tokenizer", "text", trust_remote_code),
+    )
     logger.info(
         "Built dual encoder: vision %s (%d-d) + text %s (%d-d, %s pooling) -> %d-d on %s; the projections and "
         "logit scale are new (ClipNegTrainer trains them)",
         vision_id, model.vision_embed_dim, text_id, model.text_embed_dim, text_pooling, projection_dim, device,
     )
     return model, processor
+
+
+def _load_preprocessor(auto_class: Any, name_or_path: str, kind: str, role: str, trust_remote_code: bool) -> Any:
+    """`auto_class.from_pretrained(name_or_path)`, or a ValueError saying which tower lacks its `kind`."""
+    try:
+        return auto_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"No {kind} could be loaded from the {role} tower {name_or_path!r}: {err}. Save one next to the model "
+            f"(`{kind.replace(' ', '_')}.save_pretrained(dir)`)."
+        ) from err
