@@ -16,7 +16,7 @@ The parameter gradients equal those of the single large step (tests/test_gradcac
 negative strategy and weight, mined texts, the cross-process gather and gradient accumulation. Two exceptions,
 as in other GradCache implementations: batch-norm layers that train see chunk statistics (and update their
 running statistics twice per step), and the TTD term, which needs the whole batch's vision outputs, is refused.
-Each chunk runs the model twice, so a step costs about one extra forward pass.
+Each chunk but the last runs the model twice, so a step costs about one extra forward pass of all but one chunk.
 """
 
 from __future__ import annotations
@@ -113,14 +113,19 @@ def gradcache_step(trainer: Any, model: torch.nn.Module, inputs: dict[str, Any],
     chunks = [chunk_inputs(model_inputs, rows, extras.num_mined, a, min(a + mini_batch_size, rows))
               for a in range(0, rows, mini_batch_size)]
 
+    # Pass 1: embed every chunk without a graph, except the last one, whose graph is kept (it is back-propagated
+    # first in pass 2, so it is never recomputed and the peak memory stays one chunk's activations).
+    kept = len(chunks) - 1
     states, image_leaves, text_leaves = [], [], []
-    with torch.no_grad():
-        for chunk in chunks:
-            states.append(_rng_state())
+    for k, chunk in enumerate(chunks):
+        states.append(_rng_state())
+        with (torch.enable_grad() if k == kept else torch.no_grad()), trainer.accelerator.no_sync(model):
             with trainer.compute_loss_context_manager():
                 outputs = model(**chunk, return_dict=True)
-            image_leaves.append(outputs.image_embeds.detach().requires_grad_())
-            text_leaves.append(outputs.text_embeds.detach().requires_grad_())
+        if k == kept:
+            kept_outputs = outputs
+        image_leaves.append(outputs.image_embeds.detach().requires_grad_())
+        text_leaves.append(outputs.text_embeds.detach().requires_grad_())
 
     images = torch.cat(image_leaves)
     sizes = [len(leaf) for leaf in image_leaves]
@@ -136,20 +141,26 @@ def gradcache_step(trainer: Any, model: torch.nn.Module, inputs: dict[str, Any],
     image_grads, text_grads = grads[: len(chunks)], grads[len(chunks) : 2 * len(chunks)]
     extra_grads = grads[2 * len(chunks) :]
 
-    for k, chunk in enumerate(chunks):
-        last = k == len(chunks) - 1
-        # Parameters sync across processes once, on the last chunk's backward.
-        with (nullcontext() if last else trainer.accelerator.no_sync(model)), _replayed_rng(states[k]):
-            with trainer.compute_loss_context_manager():
-                outputs = model(**chunk, return_dict=True)
-                surrogate = sum(
-                    (embeds * grad).sum()
-                    for embeds, grad in ((outputs.image_embeds, image_grads[k]), (outputs.text_embeds, text_grads[k]))
-                    if grad is not None
-                )
-                if last:  # the logit scale and the loss's parameters take their gradient once
-                    for param, grad in zip(extra_params, extra_grads):
-                        if grad is not None:
-                            surrogate = surrogate + (param * grad).sum()
+    # Pass 2: back-propagate each chunk's cached embedding gradients (the kept chunk first, the others recomputed
+    # with their pass-1 random numbers); parameters sync across processes once, on the final backward.
+    order = [kept, *range(kept)]
+    for position, k in enumerate(order):
+        final = position == len(order) - 1
+        with (nullcontext() if final else trainer.accelerator.no_sync(model)):
+            if k == kept:
+                outputs = kept_outputs
+            else:
+                with _replayed_rng(states[k]), trainer.compute_loss_context_manager():
+                    outputs = model(**chunks[k], return_dict=True)
+            surrogate = sum(
+                (embeds * grad).sum()
+                for embeds, grad in ((outputs.image_embeds, image_grads[k]), (outputs.text_embeds, text_grads[k]))
+                if grad is not None
+            )
+            if final:  # the logit scale and the loss's parameters take their gradient once
+                for param, grad in zip(extra_params, extra_grads):
+                    if grad is not None:
+                        surrogate = surrogate + (param * grad).sum()
             trainer.accelerator.backward(surrogate)
+        del outputs
     return loss.detach()
