@@ -113,6 +113,7 @@ STRATEGIES = {
     "cluster_weighted": ("paper", "cluster_weighted"),
     "default": ("default", None),
     "oracle": ("oracle", None),
+    "guided": (None, "vanilla"),  # vanilla's batches, plus guided_negative_margin=--guided-margin
 }
 LABELS = {
     "vanilla": "vanilla",
@@ -121,11 +122,12 @@ LABELS = {
     "cluster_weighted": "cluster_weighted (paper's full rule)",
     "default": "**default** (`MiningConfig()`)",
     "oracle": "oracle (mask same category)",
+    "guided": "guided (mask what the model scores above the positive − margin)",
 }
 PROTOCOLS = {"cat": Q.CATEGORY, "inst": None}  # name -> retrieval_group_column
 #: The label-free rules the default is chosen among, simplest (vanilla-equivalent) first: not `random` (the paper's
 #: control) nor `oracle` (it reads the labels).
-DEFAULT_CANDIDATES = ("vanilla", "default", "cluster", "cluster_weighted")
+DEFAULT_CANDIDATES = ("vanilla", "default", "guided", "cluster", "cluster_weighted")
 MEASURE_BATCHES = 40
 
 
@@ -140,7 +142,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'|'-separated templates over columns for the many-texts regime")
     p.add_argument("--regimes", default="single,crowded50,crowded100,many",
                    help="single, crowdedNN (NN%% of each batch from the group-sorted stream), many")
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--strategies", default=",".join(s for s in STRATEGIES if s != "guided"),
+                   help="any of " + ", ".join(STRATEGIES))
+    p.add_argument("--guided-margin", type=float, default=0.0,
+                   help="the `guided` strategy's guided_negative_margin (cosine units)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--step-candidates", default="120,240,360",
                    help="max_steps vanilla tries per regime; the best on validation is every strategy's budget")
@@ -403,6 +408,7 @@ def training_arguments(args: argparse.Namespace, regime: dict, strategy: str, se
         contrastive_loss=regime["loss"],
         per_device_eval_batch_size=1024, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         negative_strategy=STRATEGIES[strategy][1], seed=seed, report_to="none", save_strategy="no",
+        guided_negative_margin=args.guided_margin if strategy == "guided" else None,
         logging_strategy="no", disable_tqdm=True, use_cpu=True, tower_training=regime["depth"],
         trainable_blocks=args.trainable_blocks, **sampler,
     )
@@ -516,6 +522,8 @@ def masked_pairs(ctx: dict, regime: str, strategy: str, batches: list[np.ndarray
     from hf_clipneg.mining import DuplicateAction, MiningConfig, pair_weights
 
     rule, override = STRATEGIES[strategy]
+    if strategy == "guided":  # masks depend on the model during training: not measured on the mined columns
+        return {"masked_fraction": None, "precision": None, "mean_weight": None}
     if rule is None:
         return {"masked_fraction": 0.0, "precision": None, "mean_weight": 1.0}
     mined = ctx["mined"][(ctx["regimes"][regime]["train_key"], rule)]
@@ -688,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
         batches = regime_batches(ctx, r, min(MEASURE_BATCHES, chosen[r]), 0)
         report["regimes"][r]["masked"] = {st: masked_pairs(ctx, r, st, batches, k["category"]) for st in args.strategy_list}
         logger.info("[%s] in-batch false negatives %s; masked %s", r, {a: round(b, 5) for a, b in fn.items() if b is not None},
-                    {st: round(m["masked_fraction"], 5) for st, m in report["regimes"][r]["masked"].items()})
+                    {st: m["masked_fraction"] and round(m["masked_fraction"], 5)
+                     for st, m in report["regimes"][r]["masked"].items()})
     report["timings"]["measure_s"] = time.perf_counter() - t0
 
     report["summary"] = summarise(runs, list(ctx["regimes"]), args.strategy_list, has_category)
@@ -805,8 +814,11 @@ def _share(share: float) -> str:
     return f"{'−' if share < 0 else ''}{abs(100 * share):.0f} %"
 
 
-def _percent(fraction: float) -> str:
-    """Percent with 2 decimals, 3 significant digits below 0.1 % (a rule that masks almost nothing stays visible)."""
+def _percent(fraction: float | None) -> str:
+    """Percent with 2 decimals, 3 significant digits below 0.1 % (a rule that masks almost nothing stays visible);
+    "-" where not measured."""
+    if fraction is None:
+        return "-"
     value = 100 * fraction
     return f"{value:.2f}%" if value == 0 or value >= 0.1 else f"{value:.3g}%"
 

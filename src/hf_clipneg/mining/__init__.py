@@ -40,6 +40,7 @@ from .config import (
 _LAZY_EXPORTS = {
     "distance_weights": "rule",
     "evidence_flags": "rule",
+    "model_guided_flags": "rule",
     "pair_weights": "rule",
     "random_pair_flags": "rule",
     "group_codes": "arrays",
@@ -67,6 +68,7 @@ __all__ = [
     "evidence_flags",
     "group_codes",
     "mine_negatives",
+    "model_guided_flags",
     "pair_weights",
     "random_pair_flags",
     "rule_conflicts",

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..features import IMAGE_FEATURES, TEXT_FEATURES
 from .config import DuplicateAction, DuplicateEvidence, MiningConfig, NegativeStrategy
@@ -117,6 +118,32 @@ def random_pair_flags(row_id: torch.Tensor, fraction: float, seed: int = 0, step
     hashed = _mix31(low + _mix31(high + salt))
     uniform = hashed.double() / float(_M31 + 1)
     flags = uniform < fraction
+    flags.fill_diagonal_(False)
+    return flags
+
+
+def model_guided_flags(image_embeds: torch.Tensor, text_embeds: torch.Tensor, margin: float) -> torch.Tensor:
+    """(B, B) bool: the in-batch negatives the model being trained already scores like positives.
+
+    Pair (image i, text j), i != j, is flagged when its cosine exceeds the positive's minus `margin` in either
+    direction: ``cos(x_i, y_j) > min(cos(x_i, y_i), cos(x_j, y_j)) - margin`` (image i's query over texts, and
+    text j's query over images). The idea of sentence-transformers' guided in-batch losses (GISTEmbed), with the
+    model itself as the guide. Inputs are detached: the flags carry no gradient.
+
+    Args:
+        image_embeds, text_embeds: (B, d) embeddings of the B pairs (normalised here).
+        margin: cosine units; 0 flags negatives scored above a positive, larger values flag more.
+
+    Example:
+        >>> images = torch.tensor([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0]])
+        >>> model_guided_flags(images, images, margin=0.05).int().tolist()
+        [[0, 1, 0], [1, 0, 0], [0, 0, 0]]
+    """
+    images = F.normalize(image_embeds.detach().float(), dim=-1)
+    texts = F.normalize(text_embeds.detach().float(), dim=-1)
+    similarity = images @ texts.T
+    positive = similarity.diagonal()
+    flags = similarity > torch.minimum(positive[:, None], positive[None, :]) - margin
     flags.fill_diagonal_(False)
     return flags
 

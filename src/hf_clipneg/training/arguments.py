@@ -56,6 +56,14 @@ class ClipNegTrainingArguments(TrainingArguments):
             "choices": ["infonce", "sigmoid"],
         },
     )
+    guided_negative_margin: float | None = field(
+        default=None,
+        metadata={
+            "help": "Model-guided false-negative filter (label-free): also mask the in-batch negatives that the model "
+            "being trained scores above the positive minus this margin (cosine units), in either direction "
+            "(`mining.model_guided_flags`). None: off."
+        },
+    )
     mini_batch_size: int | None = field(
         default=None,
         metadata={

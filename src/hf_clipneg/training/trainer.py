@@ -29,6 +29,7 @@ from ..mining import (
     MiningConfig,
     NegativeStrategy,
     describe_evidence,
+    model_guided_flags,
     pair_weights,
 )
 from ..block_features import TEXT_BLOCK_INPUTS
@@ -342,6 +343,8 @@ class ClipNegTrainer(Trainer):
         global_meta = self._global_metadata(batch.meta)
         if self.mining_config.strategy is not NegativeStrategy.VANILLA:
             negative_weights, positive_weights = pair_weights(global_meta, self.mining_config, step=self.state.global_step)
+        if self.args.guided_negative_margin is not None:
+            negative_weights = self._guided(image_embeds, text_embeds[:batch_size], negative_weights)
         negative_weights = self._without_repeated_rows(global_meta.get(ROW_INDEX), negative_weights)
         if not getattr(self, "_checked_first_batch", False) and model.training:
             self._checked_first_batch = True
@@ -368,6 +371,18 @@ class ClipNegTrainer(Trainer):
         for module in self._frozen_modules:
             module.eval()
         return gradcache_step(self, model, self._prepare_inputs(inputs), chunk)
+
+    def _guided(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, negative_weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`negative_weights` (None: all ones) with 0 where the model scores a negative like a positive
+        (`model_guided_flags` on the global batch)."""
+        if self.args.gather_across_processes and self.accelerator.num_processes > 1:
+            image_embeds, text_embeds = gather_metadata(image_embeds.detach(), text_embeds.detach())
+        flags = model_guided_flags(image_embeds, text_embeds, self.args.guided_negative_margin)
+        if negative_weights is None:
+            negative_weights = torch.ones(flags.shape, device=flags.device)
+        return negative_weights.masked_fill(flags.to(negative_weights.device), 0.0)
 
     @staticmethod
     def _without_repeated_rows(row_index: torch.Tensor | None, weights: torch.Tensor | None) -> torch.Tensor | None:
