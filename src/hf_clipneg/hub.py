@@ -184,7 +184,8 @@ def render_model_card(
                     "top K results.") if metrics else "_No evaluation results were recorded._"
     training_section = _json_block(training) if training else "_Training arguments were not recorded._"
     if losses:
-        configs = {type(loss).__name__: loss.get_config_dict() for loss in losses}
+        configs = {type(loss).__name__: loss.get_config_dict() if hasattr(loss, "get_config_dict") else {}
+                   for loss in losses}
         training_section = "Losses:\n\n" + _json_block(configs) + "\n\nTraining arguments:\n\n" + training_section
     citations = [CITATION] + [c for c in (getattr(loss, "citation", None) for loss in losses) if c and c != CITATION]
     return _template("model_card_template.md").substitute(

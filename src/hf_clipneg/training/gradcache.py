@@ -136,7 +136,7 @@ def gradcache_step(trainer: Any, model: torch.nn.Module, inputs: dict[str, Any],
         loss = trainer.contrastive_loss(model, images, texts, extras)
     loss = loss / trainer.current_gradient_accumulation_steps
     core = trainer.accelerator.unwrap_model(model)
-    extra_params = [core.logit_scale, *(p for p in trainer.loss_fn.parameters() if p.requires_grad)]
+    extra_params = [core.logit_scale, *(p for p in trainer._loss_parameters() if p.requires_grad)]
     grads = torch.autograd.grad(loss, [*image_leaves, *text_leaves, *extra_params], allow_unused=True)
     image_grads, text_grads = grads[: len(chunks)], grads[len(chunks) : 2 * len(chunks)]
     extra_grads = grads[2 * len(chunks) :]

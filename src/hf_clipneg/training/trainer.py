@@ -191,7 +191,8 @@ class ClipNegTrainer(Trainer):
             **kwargs,
         )
         self.loss_fn = loss if loss is not None else self._default_loss(args)
-        self.loss_fn.to(self.args.device)
+        if isinstance(self.loss_fn, nn.Module):
+            self.loss_fn.to(self.args.device)
         self.ttd_loss = ttd_loss if ttd_loss is not None else TagSelfDistillationLoss(
             temperature=args.ttd_temperature, margin=args.ttd_margin
         )
@@ -226,11 +227,15 @@ class ClipNegTrainer(Trainer):
             logger.info("Sigmoid loss: logit scale initialised to SigLIP's log 10 (bias -10).")
         return SigmoidContrastiveLoss(gather_across_processes=args.gather_across_processes)
 
+    def _loss_parameters(self) -> list[nn.Parameter]:
+        """The parameters the loss owns (the sigmoid loss's bias); none for a plain loss function."""
+        return list(self.loss_fn.parameters()) if isinstance(self.loss_fn, nn.Module) else []
+
     def create_optimizer(self, model: nn.Module | None = None) -> Any:
         """`Trainer.create_optimizer`, plus the loss's own parameters (the sigmoid loss's bias), without weight
         decay."""
         optimizer = super().create_optimizer(model)
-        extra = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        extra = [p for p in self._loss_parameters() if p.requires_grad]
         if extra and not any(p is q for group in optimizer.param_groups for p in group["params"] for q in extra):
             optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
             self.add_callback(ZeroGradAfterStep(self.loss_fn))  # Trainer zeroes only the model's gradients
@@ -238,7 +243,7 @@ class ClipNegTrainer(Trainer):
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         # The loss's parameters go into the checkpoint folder before Trainer writes trainer_state.json (last).
-        if any(True for _ in self.loss_fn.parameters()) and self.is_world_process_zero():
+        if self._loss_parameters() and self.is_world_process_zero():
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in self.loss_fn.state_dict().items()},
