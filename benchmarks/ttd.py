@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> tuple[list[tuple[str, dict]], list[str]]:
             )
             started = time.perf_counter()
             trainer = ClipNegTrainer(model, targs, train_dataset=train, eval_dataset=test, processing_class=processor,
-                                     ttd_loss=ttd)
+                                     ttd_loss=ttd if weight > 0 else None)
             trainer.remove_callback(PrinterCallback)
             if not trainer.cached_tower_features:
                 raise RuntimeError("ClipNegTrainer did not train on cached tower outputs; see its log for the reason.")
