@@ -23,17 +23,10 @@ from ..encoding import DEFAULT_TEXT_MAX_LENGTH, as_clipneg_model, text_max_lengt
 from ..losses import SIGLIP_INIT_LOGIT_SCALE, SigmoidContrastiveLoss, WeightedContrastiveLoss, gather_metadata
 from ..losses.tag_distillation import TagSelfDistillationLoss, ttd_loss_term
 from ..metrics import retrieval_metrics
-from ..mining import (
-    DEGENERATE_MASKED_FRACTION,
-    DuplicateAction,
-    MiningConfig,
-    NegativeStrategy,
-    describe_evidence,
-    model_guided_flags,
-    pair_weights,
-)
+from ..mining import MiningConfig, NegativeStrategy, pair_weights
 from ..block_features import TEXT_BLOCK_INPUTS
 from .arguments import ClipNegTrainingArguments, TowerTraining
+from .batch_weights import guided_weights, warn_if_degenerate, without_repeated_rows
 from .cached import cached_columns, plan_cached_inputs, with_cached_inputs
 from .checkpoints import last_complete_checkpoint
 from .collator import (
@@ -349,11 +342,14 @@ class ClipNegTrainer(Trainer):
         if self.mining_config.strategy is not NegativeStrategy.VANILLA:
             negative_weights, positive_weights = pair_weights(global_meta, self.mining_config, step=self.state.global_step)
         if self.args.guided_negative_margin is not None:
-            negative_weights = self._guided(image_embeds, text_embeds[:batch_size], negative_weights)
-        negative_weights = self._without_repeated_rows(global_meta.get(ROW_INDEX), negative_weights)
+            negative_weights = guided_weights(
+                image_embeds, text_embeds[:batch_size], negative_weights, self.args.guided_negative_margin,
+                gather=self.args.gather_across_processes and self.accelerator.num_processes > 1,
+            )
+        negative_weights = without_repeated_rows(global_meta.get(ROW_INDEX), negative_weights)
         if not getattr(self, "_checked_first_batch", False) and model.training:
             self._checked_first_batch = True
-            self._warn_if_degenerate(negative_weights, positive_weights)
+            warn_if_degenerate(negative_weights, positive_weights, self.mining_config)
         return self.loss_fn(
             image_embeds,
             text_embeds[:batch_size],
@@ -376,54 +372,6 @@ class ClipNegTrainer(Trainer):
         for module in self._frozen_modules:
             module.eval()
         return gradcache_step(self, model, self._prepare_inputs(inputs), chunk)
-
-    def _guided(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, negative_weights: torch.Tensor | None
-    ) -> torch.Tensor:
-        """`negative_weights` (None: all ones) with 0 where the model scores a negative like a positive
-        (`model_guided_flags` on the global batch)."""
-        if self.args.gather_across_processes and self.accelerator.num_processes > 1:
-            image_embeds, text_embeds = gather_metadata(image_embeds.detach(), text_embeds.detach())
-        flags = model_guided_flags(image_embeds, text_embeds, self.args.guided_negative_margin)
-        if negative_weights is None:
-            negative_weights = torch.ones(flags.shape, device=flags.device)
-        return negative_weights.masked_fill(flags.to(negative_weights.device), 0.0)
-
-    @staticmethod
-    def _without_repeated_rows(row_index: torch.Tensor | None, weights: torch.Tensor | None) -> torch.Tensor | None:
-        """Weights with 0 wherever two positions of the (gathered) batch hold the same row: accelerate pads an
-        uneven last batch by repeating rows, and a row must never be its own negative. Unchanged when no row
-        repeats (the plain CLIP loss keeps its fast path)."""
-        if row_index is None:
-            return weights
-        row_index = row_index.flatten()
-        same = row_index[:, None] == row_index[None, :]
-        same.fill_diagonal_(False)
-        if not bool(same.any()):
-            return weights
-        if weights is None:
-            weights = torch.ones(same.shape, device=same.device)
-        return weights.masked_fill(same.to(weights.device), 0.0)
-
-    def _warn_if_degenerate(self, negative_weights: torch.Tensor | None, positive_weights: torch.Tensor | None) -> None:
-        """Warn (once, on the first training batch) when the rule leaves most in-batch pairs without a negative."""
-        if negative_weights is None or negative_weights.shape[0] < 2:
-            return
-        off = ~torch.eye(negative_weights.shape[0], dtype=torch.bool, device=negative_weights.device)
-        masked = (negative_weights == 0) & off
-        if positive_weights is not None:
-            masked |= (positive_weights > 0) & off
-        if self.mining_config.duplicate_action is DuplicateAction.DOWNWEIGHT:
-            masked |= (negative_weights <= self.mining_config.downweight_factor) & off
-        fraction = float(masked.sum()) / float(off.sum())
-        if fraction > DEGENERATE_MASKED_FRACTION:
-            logger.warning(
-                "Degenerate batches: the first training batch (%d rows) has %.0f%% of its in-batch negatives "
-                "masked or down-weighted by the rule (%s), so the loss is near 0 and teaches little. Check for "
-                "identical or placeholder images and towers whose features are all alike (MiningStats.median_pair_"
-                "image_cosine), make the evidence stricter, or train with negative_strategy='vanilla'.",
-                negative_weights.shape[0], 100 * fraction, describe_evidence(self.mining_config),
-            )
 
     # ----- checkpoints -----
 
