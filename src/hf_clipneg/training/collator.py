@@ -203,26 +203,37 @@ class ClipNegCollator:
                     f"{'compute_features' if column.endswith('_features') else 'compute_block_inputs'})."
                 )
         batch = self._metadata(rows)
-        texts = [np.asarray(row[text_column], dtype=np.float32) for row in rows]
+
+        def stacked(column: str) -> torch.Tensor:  # feature columns were already stacked as metadata
+            if column in batch:
+                return batch[column]
+            return torch.from_numpy(np.stack([np.asarray(row[column], dtype=np.float32) for row in rows]))
+
+        texts: list[np.ndarray] | None = (
+            None if text_start is None else [np.asarray(row[text_column], dtype=np.float32) for row in rows]
+        )
+        captions = stacked(text_column) if text_start is None else None
         mined = self._mined_negatives(rows)
         if mined is not None:
             if self.mined_text_features is None:
                 raise ValueError("Mined negatives with cached features need `mined_text_features`.")
             indices, weights = mined
             position_of, stored = self.mined_text_features
-            positions = [position_of.get(j, -1) if j >= 0 else -1 for j in indices.flatten().tolist()]
-            found = torch.tensor([p >= 0 for p in positions]).reshape(indices.shape)
+            positions = np.array([position_of.get(j, -1) if j >= 0 else -1 for j in indices.flatten().tolist()])
+            found = torch.from_numpy(positions >= 0).reshape(indices.shape)
             # A negative whose row is not in this dataset (e.g. after `select`) acts as padding: weight 0.
-            texts += [np.asarray(stored[max(p, 0)], dtype=np.float32) for p in positions]
+            if texts is None:
+                captions = torch.cat([captions, torch.from_numpy(np.asarray(stored)[positions.clip(min=0)]).float()])
+            else:
+                texts += [np.asarray(stored[p], dtype=np.float32) for p in positions.clip(min=0)]
             batch["negative_weights"] = torch.where(found, weights, torch.zeros_like(weights))
             batch["num_mined"] = torch.tensor(indices.shape[1])
-        images = torch.from_numpy(np.stack([np.asarray(row[image_column], dtype=np.float32) for row in rows]))
         if image_start is None:
-            batch["image_tower_features"] = images
+            batch["image_tower_features"] = stacked(image_column)
         else:
-            batch["image_block_inputs"], batch["image_tail_start"] = images, image_start
+            batch["image_block_inputs"], batch["image_tail_start"] = stacked(image_column), image_start
         if text_start is None:
-            batch["text_tower_features"] = torch.from_numpy(np.stack(texts))
+            batch["text_tower_features"] = captions
         else:
             batch["text_block_inputs"], batch["attention_mask"] = _pad_tokens(texts)
             batch["text_tail_start"] = text_start
