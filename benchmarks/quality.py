@@ -599,15 +599,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--strategies must include vanilla and be among {list(STRATEGIES)} (unknown: {unknown}).")
     poolings = [p.strip() for p in args.text_pooling.split(",") if p.strip()]
     candidates = sorted({int(s) for s in args.step_candidates.split(",") if s.strip()})
-    # One torch/faiss thread per process: with OpenMP spin-waits, 2 threads on 2 busy cores ran several times
-    # slower than 1 here; parallelism comes from --workers processes instead.
-    torch.set_num_threads(1)
     from hf_clipneg._faiss import import_faiss
 
-    import_faiss().omp_set_num_threads(1)
     started = time.perf_counter()
-
-    ctx = prepare(args, poolings)
+    ctx = prepare(args, poolings)  # alone on the machine (the workers have not started): every core
+    # One torch/faiss thread per process from here on: with OpenMP spin-waits, 2 threads on 2 busy cores ran
+    # several times slower than 1 here; parallelism comes from --workers processes instead.
+    torch.set_num_threads(1)
+    import_faiss().omp_set_num_threads(1)
     if "oracle" in args.strategy_list and not ctx["has_category"]:
         args.strategy_list.remove("oracle")
     has_category = ctx["has_category"]
