@@ -62,8 +62,10 @@ Steps:
 
 Losses and batches: `--losses infonce,sigmoid --batch-sizes 1024,4096` adds, for each regime of
 `--sweep-regimes` (default `single`), `<regime>-sigmoid` (`contrastive_loss="sigmoid"`: SigLIP's loss with the
-rule's weights) and `<regime>-b1024`... regimes (`per_device_train_batch_size`); steps are chosen per regime as
-above, and each regime's default rule is chosen on validation by `choose_default` (robust to ties and noise).
+rule's weights) and `<regime>-b1024`... regimes (`per_device_train_batch_size`; `all` = the whole training set in
+one batch, `<regime>-ball`); steps are chosen per regime as above, among the candidates scaled to the same training
+rows (`--step-scaling rows`) or the same step counts (`steps`: bigger batches see more rows), and each regime's
+default rule is chosen on validation by `choose_default` (robust to ties and noise).
 
 Depths: `--depths frozen,partial` adds, for each regime in `--partial-regimes`, a `<regime>-partial` regime
 trained with `tower_training="partial", trainable_blocks=--trainable-blocks` (the last blocks of both towers
@@ -162,7 +164,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--losses", default="infonce",
                    help="infonce[,sigmoid]: each other loss adds <regime>-<loss> regimes (contrastive_loss=...)")
     p.add_argument("--batch-sizes", default="",
-                   help="contrastive batches besides --batch-size: each adds <regime>-b<N> regimes ('' = none)")
+                   help="contrastive batches besides --batch-size: each adds <regime>-b<N> regimes; 'all' = the "
+                        "whole training set in one batch (<regime>-ball) ('' = none)")
+    p.add_argument("--step-scaling", choices=("rows", "steps"), default="rows",
+                   help="rows: step candidates scaled so every batch size sees the same training rows; steps: the "
+                        "same step counts at every batch size (bigger batches see more rows)")
     p.add_argument("--sweep-regimes", default="single",
                    help="the regimes (and their -partial variants) that --losses and --batch-sizes multiply")
     p.add_argument("--partial-regimes", default="single", help="the regimes that get a -partial variant")
@@ -251,7 +257,8 @@ def expand_regimes(regimes: dict[str, dict], args: argparse.Namespace) -> dict[s
     """Each regime of `--sweep-regimes` once per contrastive loss (`--losses`) and batch size (`--batch-sizes`);
     the defaults (InfoNCE, `--batch-size`) keep the regime's own name."""
     losses = [x.strip() for x in args.losses.split(",") if x.strip()]
-    batches = [args.batch_size] + [int(x) for x in args.batch_sizes.split(",") if x.strip() and int(x) != args.batch_size]
+    batches = [args.batch_size] + [x if x == "all" else int(x) for x in (y.strip() for y in args.batch_sizes.split(","))
+                                   if x and x != str(args.batch_size)]
     swept = {r.strip() for r in args.sweep_regimes.split(",") if r.strip()}
     out = {}
     for name, spec in regimes.items():
@@ -263,9 +270,11 @@ def expand_regimes(regimes: dict[str, dict], args: argparse.Namespace) -> dict[s
     return out
 
 
-def regime_steps(regime: dict, candidates: list[int], base_batch: int) -> list[int]:
+def regime_steps(regime: dict, candidates: list[int], base_batch: int, scaling: str = "rows") -> list[int]:
     """The step candidates of a regime: `--step-candidates` at `--batch-size`, scaled to the same number of training
-    rows (epochs) at the regime's own batch size."""
+    rows (epochs) at the regime's own batch size (`scaling="rows"`) or kept as they are (`"steps"`)."""
+    if scaling == "steps":
+        return sorted(set(candidates))
     return sorted({max(1, round(n * base_batch / regime["batch"])) for n in candidates})
 
 
@@ -325,6 +334,9 @@ def prepare(args: argparse.Namespace, poolings: list[str]) -> dict[str, Any]:
                         "distinct_texts": len(set(many[Q.CAPTION]))}
         timings["many_features_s"] = time.perf_counter() - t1
         logger.info("many-texts rows: %s (%.1fs)", info["many"], timings["many_features_s"])
+    for spec in regimes.values():
+        if spec["batch"] == "all":
+            spec["batch"] = len(train_sets[spec["train_key"]])
 
     # other text poolings: vanilla on validation, single regime
     pooled: dict[str, dict] = {}
@@ -516,23 +528,25 @@ def row_keys(ctx: dict, train_key: str) -> dict[str, np.ndarray | None]:
 
 def masked_pairs(ctx: dict, regime: str, strategy: str, batches: list[np.ndarray], category: np.ndarray | None) -> dict:
     """Share of in-batch negative pairs `strategy` masks (weight 0, or < 1 when down-weighting) on `batches`, their
-    precision (same category), and the mean weight of the negatives: `pair_weights` on the mined columns, as the
-    trainer computes them (step = the batch's global step)."""
+    precision (share in the same category), recall (share of the same-category pairs masked) and the mean weight of
+    the negatives: `pair_weights` on the mined columns, as the trainer computes them (step = the batch's global
+    step)."""
     from hf_clipneg.training.collator import META_COLUMNS, ClipNegCollator
     from hf_clipneg.mining import DuplicateAction, MiningConfig, pair_weights
 
     rule, override = STRATEGIES[strategy]
     if strategy == "guided":  # masks depend on the model during training: not measured on the mined columns
-        return {"masked_fraction": None, "precision": None, "mean_weight": None}
+        return {"masked_fraction": None, "precision": None, "recall": None, "mean_weight": None}
     if rule is None:
-        return {"masked_fraction": 0.0, "precision": None, "mean_weight": 1.0}
+        return {"masked_fraction": 0.0, "precision": None, "recall": 0.0 if category is not None else None,
+                "mean_weight": 1.0}
     mined = ctx["mined"][(ctx["regimes"][regime]["train_key"], rule)]
     config = MiningConfig.from_dataset(mined)
     if override is not None:
         config = dataclasses.replace(config, strategy=override)
     table = mined.select_columns([c for c in META_COLUMNS if c in mined.column_names]).with_format("numpy")
     collate = ClipNegCollator(ctx["processor"], cached_features=True)
-    masked = hits = pairs = 0
+    masked = hits = pairs = same = 0
     weight_sum = 0.0
     for step, index in enumerate(batches):
         columns = table[index.tolist()]
@@ -546,9 +560,11 @@ def masked_pairs(ctx: dict, regime: str, strategy: str, batches: list[np.ndarray
         pairs += int(off.sum())
         if category is not None:
             cat = torch.as_tensor(category[index])
-            hits += int((flagged & (cat[:, None] == cat[None, :])).sum())
+            same_category = (cat[:, None] == cat[None, :]) & off
+            hits += int((flagged & same_category).sum())
+            same += int(same_category.sum())
     return {"masked_fraction": masked / pairs, "precision": hits / masked if masked and category is not None else None,
-            "mean_weight": weight_sum / pairs}
+            "recall": hits / same if same else None, "mean_weight": weight_sum / pairs}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
             args.regimes = "single,crowded50,many"
         if args.depths == parse_args([]).depths:  # and the partial-depth path runs too
             args.depths = "frozen,partial"
-        if args.losses == parse_args([]).losses:  # and the sigmoid loss, and a second batch size
+        if args.losses == parse_args([]).losses and not args.batch_sizes:  # and the sigmoid loss, a second batch
             args.losses, args.batch_sizes = "infonce,sigmoid", "64"
     out_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True,
@@ -644,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     # chosen budget are vanilla's rows of the tables)
     t0 = time.perf_counter()
     selection_seeds = seeds[: max(1, min(args.selection_seeds, len(seeds)))]
-    steps_of = {r: regime_steps(spec, candidates, args.batch_size) for r, spec in ctx["regimes"].items()}
+    steps_of = {r: regime_steps(spec, candidates, args.batch_size, args.step_scaling) for r, spec in ctx["regimes"].items()}
     specs = [{"kind": "select", "regime": r, "strategy": "vanilla", "seed": s, "steps": n, "pooling": poolings[0]}
              for r in ctx["regimes"] for n in steps_of[r] for s in selection_seeds]
     selection = run_specs(specs, "vanilla step selection")
@@ -843,7 +859,8 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
         f"Towers {'tiny random (smoke)' if s['smoke'] else 'packaged EfficientNet-Lite0 + all-MiniLM-L6-v2'}, text "
         f"pooling `{s['poolings'][0]}`; AdamW lr {s['learning_rate']:g}, weight decay {s['weight_decay']:g}, linear "
         f"decay, batch {s['batch_size']}, {s['seeds']} seeds (same initialisation and batch order for every strategy), "
-        f"steps per regime chosen by vanilla on validation ({report['select_metric']}) among {s['step_candidates']}. "
+        f"steps per regime chosen by vanilla on validation ({report['select_metric']}) among {s['step_candidates']}"
+        f"{' (the same counts at every batch size)' if s.get('step_scaling') == 'steps' else ''}. "
         f"Relevance: category = an image of the query product's {', '.join(report['data']['category_columns']) or '-'}; "
         f"instance = an image with exactly the query's caption.",
         "",
@@ -918,9 +935,10 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
         g = report["regimes"][r]
         lines += ["", f"### Regime `{r}`: test, {g['steps']} steps, {s['seeds']} seeds", "",
                   f"Masked = share of in-batch negative pairs the strategy masks on the first {MEASURE_BATCHES} training "
-                  "batches of seed 0 (`pair_weights` on the mined columns); precision = share of them in the same category.",
+                  "batches of seed 0 (`pair_weights` on the mined columns); precision = share of them in the same category; "
+                  "recall = share of the same-category pairs masked.",
                   ""]
-        head = "| strategy | masked | precision | "
+        head = "| strategy | masked | precision | recall | "
         for proto in (("cat", "inst") if has_category else ("inst",)):
             head += f"{proto} t→i R@1 | R@5 | R@10 | median rank | {proto} i→t R@1 | "
         lines += [head.rstrip() , "|" + "---|" * (head.count("|") - 1)]
@@ -930,7 +948,8 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
                 continue
             m = g["masked"][st]
             precision = "-" if m["precision"] is None else f"{100 * m['precision']:.1f}%"
-            row = f"| {st} | {_percent(m['masked_fraction'])} | {precision} | "
+            recall = "-" if m.get("recall") is None else f"{100 * m['recall']:.1f}%"
+            row = f"| {st} | {_percent(m['masked_fraction'])} | {precision} | {recall} | "
             for proto in (("cat", "inst") if has_category else ("inst",)):
                 x = e["test"][proto]
                 row += (f"{_pm(x['t2i_R@1'])} | {_pm(x['t2i_R@5'])} | {_pm(x['t2i_R@10'])} | "
