@@ -323,11 +323,12 @@ def _clearly_above(value: float, other: float, margin: float) -> bool:
     return value - other > margin + noise
 
 
-def choose_default(deltas: Mapping[str, tuple[float, float]], order: Sequence[str]) -> tuple[str, str]:
+def choose_default(deltas: Mapping[str, tuple[float, float]], order: Sequence[str], what: str = "rule") -> tuple[str, str]:
     """The rule to make the default, chosen on validation only, and why: `(name, reason)`.
 
     `deltas[name] = (mean, std)` of a candidate rule's paired gain over vanilla on validation (same seeds);
     `order` lists the rules from the simplest (closest to vanilla, `order[0]`, the fallback) to the most complex.
+    `what` names the candidates in the reason ("rule"; "setting" when whole training settings are compared).
     A rule wins against vanilla only if its mean gain is positive and exceeds its own paired std. Among the
     winners, taken from the simplest, a more complex one replaces the current choice only if its mean is higher
     by more than the larger of the two stds: a gap within either std, or within float noise, is a tie and goes to
@@ -361,14 +362,14 @@ def choose_default(deltas: Mapping[str, tuple[float, float]], order: Sequence[st
     if not winners:
         finite = [name for name in candidates if np.isfinite(deltas[name][0])]
         best = f"; best: {shown(max(finite, key=lambda n: deltas[n][0]))}" if finite else ""
-        return order[0], f"no rule beats vanilla on validation by more than its paired std{best}"
+        return order[0], f"no {what} beats {order[0]} on validation by more than its paired std{best}"
     choice = winners[0]
     for name in winners[1:]:
         if _clearly_above(deltas[name][0], deltas[choice][0], max(deltas[name][1], deltas[choice][1])):
             choice = name
     ties = [name for name in winners if name != choice
             and not _clearly_above(deltas[choice][0], deltas[name][0], max(deltas[name][1], deltas[choice][1]))]
-    reason = f"{shown(choice)} over vanilla on validation, more than its paired std"
+    reason = f"{shown(choice)} over {order[0]} on validation, more than its paired std"
     if ties:
-        reason += f"; ties within std or float noise with {', '.join(shown(name) for name in ties)}: the simpler rule wins"
+        reason += f"; ties within std or float noise with {', '.join(shown(name) for name in ties)}: the simpler {what} wins"
     return choice, reason

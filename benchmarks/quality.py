@@ -717,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report["summary"] = summarise(runs, list(ctx["regimes"]), args.strategy_list, has_category)
     report["default_choice"] = choose_defaults(report["summary"], has_category)
+    report["setting_choice"] = choose_settings(report, has_category)
     if pooling_runs:
         base = [x for x in runs if x["regime"] == pool_regime and x["strategy"] == "vanilla"]
         report["pooling"] = {poolings[0]: summarise_split(base, "validation")}
@@ -796,6 +797,43 @@ def choose_defaults(summary: dict[str, Any], has_category: bool) -> dict[str, di
         if any("validation_delta" in entry for entry in entries.values()):
             rule, reason = Q.choose_default(deltas, DEFAULT_CANDIDATES)
             out[r] = {"rule": rule, "reason": reason}
+    return out
+
+
+def choose_settings(report: dict, has_category: bool) -> dict[str, dict[str, Any]]:
+    """Per data regime (same rows and sampler), the setting (loss, batch, depth + its default rule) `Q.choose_default`
+    picks on validation against the base setting's vanilla (InfoNCE, --batch-size, frozen towers), cheapest first,
+    with its test R@1 next to the base's (the ratio is the issue's ≥ 1.10× target)."""
+    proto = "cat" if has_category else "inst"
+    s, regimes, summary = report["settings"], report["regimes"], report["summary"]
+    choices = choose_defaults(summary, has_category)
+    out = {}
+    for base, g in regimes.items():
+        if (g["loss"], g["batch"], g["depth"]) != ("infonce", s["batch_size"], "frozen") or "validation" not in summary[base]["vanilla"]:
+            continue
+        family = [r for r, h in regimes.items() if r != base and (h["train_key"], h["sampler"], h["share"])
+                  == (g["train_key"], g["sampler"], g["share"]) and r in choices]
+        if not family:
+            continue
+        base_runs = {x["seed"]: x for x in report["runs"] if x["regime"] == base and x["strategy"] == "vanilla"
+                     and x["steps"] == g["steps"] and x["kind"] in ("select", "final")}
+        rule_of = {base: "vanilla", **{r: choices[r]["rule"] for r in family}}
+
+        def values(r: str, split: str, protocol: str) -> tuple[list[float], list[float]]:
+            mine = {x["seed"]: x for x in report["runs"] if x["regime"] == r and x["strategy"] == rule_of[r]
+                    and x["steps"] == regimes[r]["steps"] and x["kind"] in ("select", "final")}
+            seeds = sorted(set(mine) & set(base_runs))
+            return ([mine[k]["evals"][split][protocol]["t2i_R@1"] for k in seeds],
+                    [base_runs[k]["evals"][split][protocol]["t2i_R@1"] for k in seeds])
+
+        deltas = {r: Q.paired_delta(*values(r, "validation", proto)) for r in family}
+        setting, reason = Q.choose_default(deltas, [base] + family, what="setting")
+        test = {pr: Q.paired_delta(*values(setting, "test", pr)) if setting != base else (0.0, 0.0)
+                for pr in (("cat", "inst") if has_category else ("inst",))}
+        base_test = summary[base]["vanilla"]["test"][proto]["t2i_R@1"][0]
+        out[base] = {"setting": setting, "rule": rule_of[setting], "reason": reason, "test_delta": test,
+                     "ratio": (base_test + test[proto][0]) / base_test if base_test else None,
+                     "validation_deltas": {r: list(d) for r, d in deltas.items()}}
     return out
 
 
@@ -931,6 +969,16 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
                   f"{'category' if has_category else 'instance'} t→i R@1 Δ paired with vanilla: a rule must beat vanilla "
                   "by more than its paired std; ties within std or float noise go to the simpler rule.", ""]
         lines += [f"- `{r}`: default chosen on validation: {c['rule']} ({c['reason']})" for r, c in choices.items()]
+    settings = choose_settings(report, has_category) if "runs" in report else {}
+    if settings:
+        lines += ["", "## Setting chosen on validation (loss, batch, depth, rule)", "",
+                  "Each setting with its own default rule, against the base setting's vanilla (InfoNCE, batch "
+                  f"{s['batch_size']}, frozen towers) on the same seeds; listed cheapest first, the same robust rule as "
+                  "above (a setting must beat the base by more than its paired std). Test Δ paired with the base.", ""]
+        for base, c in settings.items():
+            gains = " / ".join(f"{proto} {_delta(d)}" for proto, d in c["test_delta"].items())
+            lines.append(f"- `{base}` family: **{c['setting']}** with rule {c['rule']} ({c['reason']}); test Δ {gains}"
+                         + (f"; {c['ratio']:.3f}× the base's vanilla" if c["ratio"] is not None else ""))
     for r in regimes:
         g = report["regimes"][r]
         lines += ["", f"### Regime `{r}`: test, {g['steps']} steps, {s['seeds']} seeds", "",

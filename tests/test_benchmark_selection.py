@@ -94,3 +94,38 @@ def test_quality_benchmark_chooses_per_regime_on_validation_among_label_free_rul
     assert choices["many"]["rule"] == "vanilla"
     assert "old" not in choices
     assert quality.choose_defaults(summary, has_category=False)["many"]["rule"] == "cluster_weighted"
+
+
+def _run(regime: str, strategy: str, seed: int, validation: float, test: float) -> dict:
+    metrics = lambda r1: {"t2i_R@1": r1, "t2i_R@5": r1, "t2i_R@10": r1, "t2i_median_rank": 1.0, "i2t_R@1": r1}  # noqa: E731
+    return {"regime": regime, "strategy": strategy, "seed": seed, "steps": 10, "kind": "final", "pooling": "mean",
+            "seconds": 1.0, "evals": {"validation": {"cat": metrics(validation), "inst": metrics(validation)},
+                                      "test": {"cat": metrics(test), "inst": metrics(test)}}}
+
+
+def _settings_report(partial_gain: float) -> dict:
+    """Base `single` (InfoNCE, batch 256, frozen) and `single-partial`, vanilla and default per seed; the default rule
+    ties vanilla, partial depth gains `partial_gain` on validation (noise ±0.5 by seed) and +3 on test."""
+    import quality
+
+    regimes = {name: {"loss": "infonce", "batch": 256, "depth": depth, "train_key": "train", "sampler": "random",
+                      "share": None, "steps": 10} for name, depth in (("single", "frozen"), ("single-partial", "partial"))}
+    runs = []
+    for seed, noise in enumerate((-0.5, 0.0, 0.5)):
+        for strategy in ("vanilla", "default"):
+            runs.append(_run("single", strategy, seed, 50.0, 60.0))
+            runs.append(_run("single-partial", strategy, seed, 50.0 + partial_gain + noise, 63.0))
+    summary = quality.summarise(runs, list(regimes), ["vanilla", "default"], has_category=True)
+    return {"settings": {"batch_size": 256}, "regimes": regimes, "summary": summary, "runs": runs}
+
+
+def test_quality_benchmark_chooses_the_setting_on_validation_against_the_base_vanilla():
+    import quality
+
+    chosen = quality.choose_settings(_settings_report(partial_gain=2.0), has_category=True)["single"]
+    assert (chosen["setting"], chosen["rule"]) == ("single-partial", "vanilla")  # the default rule tied vanilla
+    assert chosen["test_delta"]["cat"] == pytest.approx((3.0, 0.0))
+    assert chosen["ratio"] == pytest.approx(63.0 / 60.0)
+    # a gain within its paired std keeps the base setting, and the ratio is then 1
+    kept = quality.choose_settings(_settings_report(partial_gain=0.3), has_category=True)["single"]
+    assert kept["setting"] == "single" and kept["ratio"] == 1.0 and "no setting beats single" in kept["reason"]
