@@ -11,7 +11,9 @@ import pytest
 from datasets import Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
-from hf_clipneg.data import CAPTION_COLUMN, GROUP_COLUMN, IMAGE_COLUMN, BadImageError, check_images, load_pairs
+from hf_clipneg.data import (
+    CAPTION_COLUMN, GROUP_COLUMN, IMAGE_COLUMN, BadImageError, MissingColumnError, check_images, load_pairs,
+)
 from hf_clipneg.data import sources
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
@@ -157,8 +159,9 @@ def test_imagefolder_with_metadata_jsonl(image_dir):
 
 def test_imagefolder_without_captions_says_how_to_add_them(image_dir):
     (image_dir / "img" / "fake.jpg").unlink()
-    with pytest.raises(ValueError, match=r"caption column 'caption' is not in the dataset.*metadata\.csv"):
+    with pytest.raises(MissingColumnError, match=r"caption column 'caption' is not in the dataset.*metadata\.csv") as err:
         load_pairs(str(image_dir / "img"))
+    assert (err.value.role, err.value.column, err.value.available) == ("caption", "caption", ["image"])
 
 
 def test_hub_id_is_passed_to_load_dataset(monkeypatch):

@@ -11,7 +11,6 @@ import csv
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,9 +110,6 @@ def parse_attributes(spec: str | None) -> dict[str, list[str]] | None:
     return attributes
 
 
-_MISSING_COLUMN = re.compile(r"column (?P<column>'[^']*') is not in the dataset; available columns: (?P<columns>\[[^\]]*\])")
-
-
 def load_paired_data(args: TldrArguments) -> Any:
     """The `--paired_data` pairs through `hf_clipneg.data.load_pairs` (columns renamed to ``image`` and
     ``caption``), at most `--max_pairs` of them (a random sample seeded by `--seed`).
@@ -121,17 +117,14 @@ def load_paired_data(args: TldrArguments) -> Any:
     Raises:
         ValueError: a column is missing; the message names it and the columns there are.
     """
-    from ..data import load_pairs
+    from ..data import MissingColumnError, load_pairs
 
     try:
         pairs = load_pairs(args.paired_data, image_column=args.image_column, caption_column=args.text_column)
-    except ValueError as err:
+    except MissingColumnError as err:
         # load_pairs names its keyword arguments (caption_column=...); say it in this command's terms.
-        missing = _MISSING_COLUMN.search(str(err))
-        if missing is None:
-            raise
         raise ValueError(
-            f"--paired_data has no column {missing['column']}; columns are {missing['columns']}. Name the columns with "
+            f"--paired_data has no column {err.column!r}; columns are {err.available}. Name the columns with "
             "--image_column and --caption_column."
         ) from err
     if len(pairs) > args.max_pairs:

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from .columns import CAPTION_COLUMN, GROUP_COLUMN, IMAGE_COLUMN, blank_captions
-from .errors import ForeignImagePathError, RemoteImageError, SplitNotFoundError
+from .errors import ForeignImagePathError, MissingColumnError, RemoteImageError, SplitNotFoundError
 from .images import BadImageError, to_rgb, without_image_decoding
 from .loading import check_images, load_pairs
 from .map_cache import map_cache_file
@@ -38,6 +38,7 @@ __all__ = [
     "without_image_decoding",
     "BadImageError",
     "SplitNotFoundError",
+    "MissingColumnError",
     "ForeignImagePathError",
     "RemoteImageError",
     "make_synthetic_pairs",

@@ -22,7 +22,7 @@ from datasets import Dataset, Image, Value, concatenate_datasets
 from datasets.utils.tqdm import tqdm
 
 from .columns import CAPTION_COLUMN, GROUP_COLUMN, IMAGE_COLUMN, SCAN_BATCH, blank_captions, to_numpy
-from .errors import ForeignImagePathError, RemoteImageError
+from .errors import ForeignImagePathError, MissingColumnError, RemoteImageError
 from .image_paths import prepare_images
 from .images import BadImageError, to_rgb
 from .sources import DataSource, load_source
@@ -270,9 +270,10 @@ def _check_choice(name: str, value: str) -> None:
 def _check_columns(dataset: Dataset, roles: dict[str, str], hint: str) -> None:
     for role, column in roles.items():
         if column not in dataset.column_names:
-            raise ValueError(
+            raise MissingColumnError(
                 f"The {role} column {column!r} is not in the dataset; available columns: "
-                f"{dataset.column_names}. Pass {role}_column=... with one of them.{hint}"
+                f"{dataset.column_names}. Pass {role}_column=... with one of them.{hint}",
+                role, column, list(dataset.column_names),
             )
 
 
