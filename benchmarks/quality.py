@@ -42,8 +42,8 @@ Steps:
    rule flags), `cluster` and `cluster_weighted` through `ClipNegTrainingArguments(negative_strategy=...)`, the
    trainer's documented override), the library default `MiningConfig()` (`default`) and the oracle
    `MiningConfig(evidence="group", group_column="category")` on the true category codes (`oracle`). The share of
-   each strategy's masked in-batch pairs and their precision (same category) are measured with
-   `hf_clipneg.mining.pair_weights` on the first 40 training batches of seed 0.
+   each strategy's masked in-batch pairs, their precision (same category) and recall (share of the same-category
+   pairs masked) are measured with `hf_clipneg.mining.pair_weights` on the first 40 training batches of seed 0.
 4. Steps: per regime, vanilla trains for each of --step-candidates steps (separate runs: the linear schedule
    depends on max_steps) with the first --selection-seeds seeds (default 1, for the time budget), and the count with the
    best mean validation category t->i R@1 (instance R@1 without categories) is every strategy's budget in that
@@ -65,7 +65,9 @@ Losses and batches: `--losses infonce,sigmoid --batch-sizes 1024,4096` adds, for
 rule's weights) and `<regime>-b1024`... regimes (`per_device_train_batch_size`; `all` = the whole training set in
 one batch, `<regime>-ball`); steps are chosen per regime as above, among the candidates scaled to the same training
 rows (`--step-scaling rows`) or the same step counts (`steps`: bigger batches see more rows), and each regime's
-default rule is chosen on validation by `choose_default` (robust to ties and noise).
+default rule is chosen on validation by `choose_default` (robust to ties and noise). Then per data regime the
+setting (loss, batch, depth, with its chosen rule) is chosen the same way against the base setting's vanilla
+(InfoNCE, --batch-size, frozen towers; `choose_settings`), and its test R@1 is reported as a ratio to the base.
 
 Depths: `--depths frozen,partial` adds, for each regime in `--partial-regimes`, a `<regime>-partial` regime
 trained with `tower_training="partial", trainable_blocks=--trainable-blocks` (the last blocks of both towers
