@@ -65,7 +65,7 @@ def test_train_defaults_follow_what_trains():
     frozen = _training_args([])
     assert (frozen.learning_rate, frozen.per_device_train_batch_size, frozen.per_device_eval_batch_size) == (1e-3, 64, 64)
     partial = _training_args(["--tower_training", "partial"])
-    assert (partial.learning_rate, partial.per_device_train_batch_size) == (1e-4, 32)
+    assert (partial.learning_rate, partial.per_device_train_batch_size) == (1e-3, 256)
     full = _training_args(["--tower_training", "full"])
     assert (full.learning_rate, full.per_device_train_batch_size) == (2e-5, 32)
     # what the user gives is kept, in any spelling argparse accepts
@@ -78,15 +78,15 @@ def test_train_defaults_from_a_config_file(tmp_path):
     config.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "report_to": "none", "tower_training": "partial",
                                   "per_device_train_batch_size": 16}))
     args = parse(_train_types(), [str(config)], "t")[3]
-    assert (args.learning_rate, args.per_device_train_batch_size) == (1e-4, 16)
+    assert (args.learning_rate, args.per_device_train_batch_size) == (1e-3, 16)
 
 
 def test_train_help_states_the_defaults_by_tower_training(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "frozen: 0.001, partial: 0.0001, full: 2e-05" in text
-    assert "frozen: 64, partial: 32, full: 32" in text
+    assert "frozen: 0.001, partial: 0.001, full: 2e-05" in text
+    assert "frozen: 64, partial: 256, full: 32" in text
 
 
 def test_frozen_towers_at_transformers_default_learning_rate_warn(tiny_dual_encoder, records, tmp_path):
