@@ -19,8 +19,8 @@ TRANSFORMERS_DEFAULT_LEARNING_RATE = 5e-5
 # (1e-3, batch 64: the README quick start and benchmarks/quality.py's frozen regime). partial: the last tower
 # blocks train too, at the rate and batch benchmarks/quality.py measured (1e-3, batch 256, 240 steps: +10.9
 # category R@1 over frozen on fashion-products, 3 seeds; the earlier 1e-4, chosen from 1e-5 / 3e-5 / 1e-4 for
-# extra steps after a frozen schedule, gained 1.7-2.8). full: every tower weight trains; 2e-5 is the usual fine-tuning rate of pretrained towers
-# (not benchmarked here).
+# extra steps after a frozen schedule, gained 1.7-2.8). full: every tower weight trains; 2e-5 is the usual
+# fine-tuning rate of pretrained towers (not benchmarked here).
 TOWER_TRAINING_DEFAULTS: dict[str, dict[str, float | int]] = {
     "frozen": {"learning_rate": 1e-3, "per_device_train_batch_size": 64, "per_device_eval_batch_size": 64},
     "partial": {"learning_rate": 1e-3, "per_device_train_batch_size": 256, "per_device_eval_batch_size": 64},
