@@ -13,7 +13,7 @@ Every run is the library's own path, nothing else:
                              eval_dataset={"validation": ..., "test": ...}, processing_class=processor)
     trainer.train(); trainer.evaluate(...)                                   # both relevance protocols
 
-The towers stay frozen (`tower_training="frozen"`, the default), so the trainer trains the projections and the
+In the frozen regimes (`tower_training="frozen"`, given explicitly) the trainer trains the projections and the
 logit scale on the cached tower features by itself. A row of the tables is reproduced by those calls with the
 settings below (the benchmark renames the caption column to `caption` and adds an int `category` column after
 `compute_features`; nothing else touches the data).

@@ -521,8 +521,8 @@ def bench_epoch(args: argparse.Namespace, setup: Setup) -> None:
                 model=setup.model,
                 args=ClipNegTrainingArguments(
                     output_dir=output_dir, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-3,
-                    cached_tower_features=cached, report_to="none", save_strategy="no", logging_strategy="no",
-                    disable_tqdm=True, use_cpu=device_name() == "cpu", seed=0,
+                    tower_training="frozen", cached_tower_features=cached, report_to="none", save_strategy="no",
+                    logging_strategy="no", disable_tqdm=True, use_cpu=device_name() == "cpu", seed=0,
                 ),
                 train_dataset=mined,
                 processing_class=setup.processor,

@@ -133,7 +133,8 @@ def align_projections(model, processor, train, epochs: int, seed: int, output_di
     from hf_clipneg import ClipNegTrainer, ClipNegTrainingArguments
 
     args = ClipNegTrainingArguments(
-        output_dir=output_dir, negative_strategy="vanilla", num_train_epochs=epochs, per_device_train_batch_size=256,
+        output_dir=output_dir, negative_strategy="vanilla", tower_training="frozen", num_train_epochs=epochs,
+        per_device_train_batch_size=256,
         learning_rate=2e-3, weight_decay=1e-4, seed=seed, report_to="none", save_strategy="no", logging_strategy="no",
         disable_tqdm=True,
     )

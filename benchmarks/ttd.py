@@ -11,8 +11,8 @@ Every run is the library's own path:
                              ttd_loss=TagSelfDistillationLoss(temperature=..., margin=..., detach_image=...))
     trainer.train()
 
-The towers stay frozen (the default), so the trainer trains the projections and the logit scale on cached tower
-outputs: the caption features, and for the TTD term the vision tower's last-block output, from which only the
+The towers stay frozen (`tower_training="frozen"`), so the trainer trains the projections and the logit scale on cached
+tower outputs: the caption features, and for the TTD term the vision tower's last-block output, from which only the
 post-block layers (EfficientNet's head convolution, ViT's final norm) run on every step to give the spatial map TTD
 reads. The contrastive-only run and the TTD run share the initial projections (`torch.manual_seed(seed)` before
 re-initialising them), the seed and the batch order.
@@ -158,7 +158,8 @@ def run(args: argparse.Namespace) -> tuple[list[tuple[str, dict]], list[str]]:
             targs = ClipNegTrainingArguments(
                 output_dir=output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
                 per_device_eval_batch_size=256, learning_rate=args.lr, weight_decay=1e-4,
-                negative_strategy="vanilla", ttd_weight=weight, ttd_max_tags=args.max_tags, seed=args.seed,
+                negative_strategy="vanilla", tower_training="frozen", ttd_weight=weight, ttd_max_tags=args.max_tags,
+                seed=args.seed,
                 report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True, use_cpu=True,
             )
             started = time.perf_counter()

@@ -9,7 +9,8 @@ one, and ClipNegTrainer stops with a LaunchMismatchError saying so).
 
 Any flag of `DataArguments`, `ColumnArguments`, `ModelArguments` or `ClipNegTrainingArguments` works, or a
 single JSON/YAML file holding them; `--mining_config rule.json` sets the mining rule for unmined data. The
-learning rate and batch sizes not given follow `--tower_training` as in `hf-clipneg train` (frozen: 1e-3, 64).
+learning rate and batch sizes not given follow `--tower_training` as in `hf-clipneg train` (partial, the default:
+1e-3, batch 256; frozen: 1e-3, 64).
 Add `--push_to_hub --hub_model_id you/name` to publish the model.
 """
 

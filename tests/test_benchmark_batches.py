@@ -54,7 +54,8 @@ def _trained_batches(tiny, train, output_dir, **kwargs):
     model, processor = tiny
     args = ClipNegTrainingArguments(output_dir=str(output_dir), report_to="none",
                                     use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
-                                    negative_strategy="vanilla", learning_rate=1e-3, **kwargs)
+                                    negative_strategy="vanilla", learning_rate=1e-3,
+                                    **{"tower_training": "frozen", **kwargs})  # quality.py's frozen regime
     trainer = Recording(model, args, train_dataset=train, processing_class=processor)
     assert trainer.cached_tower_features
     trainer.train()

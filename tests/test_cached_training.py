@@ -21,7 +21,8 @@ from trainer_steps import assert_same_step, assert_same_training, mine_tiny, one
 
 
 
-_args = tiny_args
+def _args(tmp_path, **overrides):
+    return tiny_args(tmp_path, **{"tower_training": "frozen", **overrides})  # the cached tower-feature path
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def mined():
 
 
 def _trainer(tmp_path, dataset, cached, **overrides):
-    return tiny_trainer(tmp_path, dataset, cached_tower_features=cached, **overrides)
+    return tiny_trainer(tmp_path, dataset, cached_tower_features=cached, **{"tower_training": "frozen", **overrides})
 
 
 @pytest.mark.parametrize("strategy,mined_per_row", [("vanilla", 0), ("cluster_weighted", 0), ("cluster_weighted", None)])

@@ -32,7 +32,9 @@ def test_the_trainer_masks_the_flagged_negatives(tmp_path, mined):
     torch.testing.assert_close(unflagged, vanilla)
     torch.testing.assert_close(everything, torch.tensor(0.0), atol=1e-6, rtol=0)  # only positives are left
 
-    trainer = tiny_trainer(tmp_path, mined, negative_strategy="vanilla", guided_negative_margin=0.0)
+    # Frozen towers: the batch holds the tower features the projections embed again below.
+    trainer = tiny_trainer(tmp_path, mined, negative_strategy="vanilla", guided_negative_margin=0.0,
+                           tower_training="frozen")
     guided, _, batch = one_step(trainer)
     model_inputs = {k: v for k, v in batch.items() if k in ("image_tower_features", "text_tower_features")}
     with torch.no_grad():

@@ -62,10 +62,12 @@ def _training_args(argv: list[str]):
 # 1. defaults by what trains -------------------------------------------------------------------------------------
 
 def test_train_defaults_follow_what_trains():
-    frozen = _training_args([])
+    default = _training_args([])
+    assert default.tower_training.value == "partial"  # the last blocks train: the setting chosen on validation
+    assert (default.learning_rate, default.per_device_train_batch_size, default.per_device_eval_batch_size) == (
+        1e-3, 256, 64)
+    frozen = _training_args(["--tower_training", "frozen"])
     assert (frozen.learning_rate, frozen.per_device_train_batch_size, frozen.per_device_eval_batch_size) == (1e-3, 64, 64)
-    partial = _training_args(["--tower_training", "partial"])
-    assert (partial.learning_rate, partial.per_device_train_batch_size) == (1e-3, 256)
     full = _training_args(["--tower_training", "full"])
     assert (full.learning_rate, full.per_device_train_batch_size) == (2e-5, 32)
     # what the user gives is kept, in any spelling argparse accepts
@@ -89,7 +91,9 @@ def test_train_help_states_the_defaults_by_tower_training(capsys):
     assert "frozen: 64, partial: 256, full: 32" in text
 
 
-def test_frozen_towers_at_transformers_default_learning_rate_warn(tiny_dual_encoder, records, tmp_path):
+@pytest.mark.parametrize("tower_training,warns", [("frozen", True), ("partial", True), ("full", False)])
+def test_new_projections_at_transformers_default_learning_rate_warn(tiny_dual_encoder, records, tmp_path,
+                                                                    tower_training, warns):
     from datasets import Dataset
     from PIL import Image
 
@@ -98,9 +102,31 @@ def test_frozen_towers_at_transformers_default_learning_rate_warn(tiny_dual_enco
 
     model, processor = tiny_dual_encoder
     rows = Dataset.from_dict({"image": [Image.new("RGB", (8, 8), c) for c in ("red", "blue")], "caption": ["a", "b"]})
-    args = ClipNegTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, negative_strategy="vanilla")
+    args = ClipNegTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                    negative_strategy="vanilla", tower_training=tower_training)
     ClipNegTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
-    assert any("learning_rate=5e-05 is transformers' default" in m for m in records.messages())
+    warned = [m for m in records.messages() if "learning_rate=5e-05 is transformers' default" in m]
+    assert len(warned) == warns and all(f"tower_training={tower_training!r}" in m for m in warned)
+
+
+def test_a_run_of_few_optimizer_steps_warns_with_a_batch_that_fits(records, tmp_path):
+    from hf_clipneg.training import ClipNegTrainingArguments
+    from hf_clipneg.training.setup_checks import check_step_count
+
+    def warnings(**options):
+        records.records.clear()
+        args = ClipNegTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **options)
+        check_step_count(args, num_rows=600)
+        return [m for m in records.messages() if "optimiser step" in m]
+
+    # the README CLI run at the partial-depth default batch: 600 rows in 3 batches of 256, 2 epochs = 6 steps
+    (message,) = warnings(per_device_train_batch_size=256, num_train_epochs=2)
+    assert "makes 6 optimiser step(s)" in message and "about 60 rows" in message
+    assert warnings(per_device_train_batch_size=64, num_train_epochs=2) == []  # 20 steps
+    assert warnings(per_device_train_batch_size=256, num_train_epochs=8) == []  # 24 steps
+    assert warnings(per_device_train_batch_size=256, max_steps=5) == []  # a length the user chose
+    (message,) = warnings(per_device_train_batch_size=64, num_train_epochs=2, gradient_accumulation_steps=4)
+    assert "makes 5 optimiser step(s)" in message
 
 
 # 2. a launch the Trainer does not know about ---------------------------------------------------------------------

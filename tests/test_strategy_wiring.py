@@ -31,6 +31,7 @@ def losses_by_strategy(tmp_path_factory):
         args = ClipNegTrainingArguments(
             output_dir=str(tmp_path_factory.mktemp(strategy)), negative_strategy=strategy,
             per_device_train_batch_size=BATCH_ROWS, report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+            tower_training="frozen",  # batches of cached tower features, compared below
         )
         trainer = ClipNegTrainer(
             model=copy.deepcopy(model), args=args, train_dataset=mined, processing_class=processor

@@ -87,8 +87,9 @@ def _describe_tower_dependent_options(parser: HfArgumentParser) -> None:
         if action.dest in what:
             defaults = ", ".join(f"{mode}: {values[action.dest]:g}" for mode, values in TOWER_TRAINING_DEFAULTS.items())
             action.help = (
-                f"{what[action.dest]}. Default by --tower_training (what trains) — {defaults}. Frozen towers train only "
-                "the new projections and the logit scale, which need a large step; trainable tower weights a small one. "
+                f"{what[action.dest]}. Default by --tower_training (what trains) — {defaults}. The new, randomly "
+                "initialised projections need a large step (also beside the last tower blocks, as measured); whole "
+                "pretrained towers a small one. "
                 "(ClipNegTrainingArguments in Python keeps transformers' %(default)s.)"
             )
 
@@ -97,16 +98,16 @@ def apply_tower_training_defaults(args: Any, given: set[str]) -> dict[str, float
     """Set the learning rate and batch sizes the user did not give (`given`: the option names given) to the
     defaults of `args.tower_training` (`hf_clipneg.training.setup_checks.TOWER_TRAINING_DEFAULTS`) and log them.
 
-    transformers' own defaults (5e-5, batch 8) are meant for fine-tuning whole networks: with frozen towers
-    the new projections learn slowly (README, The CLI). Returns the values set.
+    transformers' own defaults (5e-5, batch 8) are meant for fine-tuning whole networks: the new projections
+    learn slowly at 5e-5 (README, The CLI). Returns the values set.
 
     Example:
         >>> from hf_clipneg.training import ClipNegTrainingArguments
         >>> args = ClipNegTrainingArguments(output_dir="/tmp/hf_clipneg_defaults", report_to="none", learning_rate=3e-4)
-        >>> apply_tower_training_defaults(args, {"learning_rate"})
-        {'per_device_train_batch_size': 64, 'per_device_eval_batch_size': 64}
+        >>> apply_tower_training_defaults(args, {"learning_rate"})  # tower_training="partial", the default
+        {'per_device_train_batch_size': 256, 'per_device_eval_batch_size': 64}
         >>> args.learning_rate, args.per_device_train_batch_size
-        (0.0003, 64)
+        (0.0003, 256)
     """
     from ..training.setup_checks import TOWER_TRAINING_DEFAULTS
 

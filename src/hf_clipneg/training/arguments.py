@@ -77,8 +77,14 @@ class ClipNegTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Contrast against the global batch of all processes (open_clip style)."}
     )
     tower_training: str = field(
-        default="frozen",
-        metadata={"help": "frozen | partial | full: which tower weights train.", "choices": ["frozen", "partial", "full"]},
+        default="partial",
+        metadata={
+            "help": "Which tower weights train besides the projections and the logit scale. partial (default): the "
+            "last trainable_blocks block(s) of each tower (chosen on validation: +10.9 category R@1 over frozen on "
+            "fashion-products, README Benchmarks); frozen: none (cheapest: seconds on cached tower features); "
+            "full: all.",
+            "choices": ["frozen", "partial", "full"],
+        },
     )
     trainable_blocks: int = field(
         default=1, metadata={"help": "With tower_training=partial: how many last blocks of each tower train."}

@@ -44,7 +44,7 @@ from .gradcache import BatchExtras, batch_rows, gradcache_step, split_batch
 from .model_card import write_model_card
 from .rows import STRATEGIES_WITH_MINED_TEXTS, drop_skipped_rows, resolve_mining_config, with_training_metadata
 from .samplers import ClusterSpreadSampler, CrowdedBatchSampler
-from .setup_checks import check_training_setup
+from .setup_checks import check_step_count, check_training_setup
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ class ClipNegTrainer(Trainer):
         if train_dataset is not None:
             train_dataset = drop_skipped_rows(without_image_decoding(train_dataset, image_column))
         train_dataset, meta_columns = with_training_metadata(train_dataset, self.mining_config)
+        if train_dataset is not None and hasattr(train_dataset, "__len__"):
+            check_step_count(args, len(train_dataset))
         collator_given = data_collator is not None
         if isinstance(eval_dataset, dict):
             eval_dataset = {name: without_image_decoding(part, image_column) for name, part in eval_dataset.items()}
