@@ -126,7 +126,8 @@ def check_step_count(args: Any, num_rows: int) -> None:
     """
     if args.max_steps > 0 or num_rows <= 0:
         return
-    global_batch = args.per_device_train_batch_size * max(int(args.world_size), 1)
+    processes = max(int(args.world_size), 1)
+    global_batch = args.per_device_train_batch_size * processes
     batches = math.ceil(num_rows / global_batch)
     steps = math.floor(batches / args.gradient_accumulation_steps * args.num_train_epochs)
     if steps >= MIN_OPTIMIZER_STEPS:
@@ -137,7 +138,7 @@ def check_step_count(args: Any, num_rows: int) -> None:
         "%g epoch(s), gradient accumulation %d. The new projections start random and learn little in fewer than %d "
         "steps (README, The CLI: 6 steps gave text->image R@1 83.0 where 20 gave 95.0). Train more epochs, or use "
         "a contrastive (global) batch of about %d rows or fewer.",
-        steps, num_rows, global_batch, args.per_device_train_batch_size, max(int(args.world_size), 1),
+        steps, num_rows, global_batch, args.per_device_train_batch_size, processes,
         args.num_train_epochs, args.gradient_accumulation_steps, MIN_OPTIMIZER_STEPS, max(2, int(fitting)),
     )
 
