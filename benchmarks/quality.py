@@ -719,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report["summary"] = summarise(runs, list(ctx["regimes"]), args.strategy_list, has_category)
     report["default_choice"] = choose_defaults(report["summary"], has_category)
-    report["setting_choice"] = choose_settings(report, has_category)
+    report["setting_choice"] = choose_settings(report, report["default_choice"], has_category)
     if pooling_runs:
         base = [x for x in runs if x["regime"] == pool_regime and x["strategy"] == "vanilla"]
         report["pooling"] = {poolings[0]: summarise_split(base, "validation")}
@@ -802,13 +802,13 @@ def choose_defaults(summary: dict[str, Any], has_category: bool) -> dict[str, di
     return out
 
 
-def choose_settings(report: dict, has_category: bool) -> dict[str, dict[str, Any]]:
-    """Per data regime (same rows and sampler), the setting (loss, batch, depth + its default rule) `Q.choose_default`
-    picks on validation against the base setting's vanilla (InfoNCE, --batch-size, frozen towers), cheapest first,
-    with its test R@1 next to the base's (the ratio is the issue's ≥ 1.10× target)."""
+def choose_settings(report: dict, choices: dict[str, dict[str, str]], has_category: bool) -> dict[str, dict[str, Any]]:
+    """Per data regime (same rows and sampler), the setting (loss, batch, depth + its default rule in `choices`, from
+    `choose_defaults`) `Q.choose_default` picks on validation against the base setting's vanilla (InfoNCE,
+    --batch-size, frozen towers), cheapest first, with its test R@1 next to the base's (the ratio is the issue's
+    ≥ 1.10× target)."""
     proto = "cat" if has_category else "inst"
     s, regimes, summary = report["settings"], report["regimes"], report["summary"]
-    choices = choose_defaults(summary, has_category)
     out = {}
     for base, g in regimes.items():
         if (g["loss"], g["batch"], g["depth"]) != ("infonce", s["batch_size"], "frozen") or "validation" not in summary[base]["vanilla"]:
@@ -971,7 +971,7 @@ def render_tables(report: dict, args: argparse.Namespace, has_category: bool) ->
                   f"{'category' if has_category else 'instance'} t→i R@1 Δ paired with vanilla: a rule must beat vanilla "
                   "by more than its paired std; ties within std or float noise go to the simpler rule.", ""]
         lines += [f"- `{r}`: default chosen on validation: {c['rule']} ({c['reason']})" for r, c in choices.items()]
-    settings = choose_settings(report, has_category) if "runs" in report else {}
+    settings = choose_settings(report, choices, has_category) if "runs" in report else {}
     if settings:
         lines += ["", "## Setting chosen on validation (loss, batch, depth, rule)", "",
                   "Each setting with its own default rule, against the base setting's vanilla (InfoNCE, batch "

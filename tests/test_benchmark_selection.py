@@ -119,13 +119,18 @@ def _settings_report(partial_gain: float) -> dict:
     return {"settings": {"batch_size": 256}, "regimes": regimes, "summary": summary, "runs": runs}
 
 
-def test_quality_benchmark_chooses_the_setting_on_validation_against_the_base_vanilla():
+def _chosen_settings(report: dict) -> dict:
     import quality
 
-    chosen = quality.choose_settings(_settings_report(partial_gain=2.0), has_category=True)["single"]
+    choices = quality.choose_defaults(report["summary"], has_category=True)  # each setting's own rule, as in main
+    return quality.choose_settings(report, choices, has_category=True)
+
+
+def test_quality_benchmark_chooses_the_setting_on_validation_against_the_base_vanilla():
+    chosen = _chosen_settings(_settings_report(partial_gain=2.0))["single"]
     assert (chosen["setting"], chosen["rule"]) == ("single-partial", "vanilla")  # the default rule tied vanilla
     assert chosen["test_delta"]["cat"] == pytest.approx((3.0, 0.0))
     assert chosen["ratio"] == pytest.approx(63.0 / 60.0)
     # a gain within its paired std keeps the base setting, and the ratio is then 1
-    kept = quality.choose_settings(_settings_report(partial_gain=0.3), has_category=True)["single"]
+    kept = _chosen_settings(_settings_report(partial_gain=0.3))["single"]
     assert kept["setting"] == "single" and kept["ratio"] == 1.0 and "no setting beats single" in kept["reason"]

@@ -72,10 +72,11 @@ def run_demo(args: DemoArguments) -> list[dict[str, Any]]:
     splits = make_synthetic_splits(args.num_train, args.num_eval, seed=args.seed)
     base_model, processor = _load(model_args, args.image_size, args.seed)
     mined, _ = mine_negatives(splits["train"], MiningConfig(seed=args.seed), model=base_model, processor=processor)
+    test = splits["test"]  # with tower_training="full" the towers run on every step: nothing to cache
     if args.tower_training == "frozen":
         # The test rows' tower features, once: every strategy's trainer reuses them (same towers).
-        test = compute_features(splits["test"], base_model, processor, batch_size=args.batch_size)
-    else:
+        test = compute_features(test, base_model, processor, batch_size=args.batch_size)
+    elif args.tower_training == "partial":
         # Datasets on disk, so that the first trainer's cached block inputs (a `Dataset.map`) are found in the
         # cache by the others; in-memory datasets cache nothing.
         mined, test = (_reloaded(part, os.path.join(args.output_dir, "data", name))
